@@ -1,0 +1,69 @@
+"""The one place that starts processes: argument lists, never a shell.
+
+Commands that need root go through `privileged()`, which prefixes
+`sudo -n` when `[worker:haproxy] sudo = true`.  Every privileged command
+uses an absolute path, so the sudoers file can list exactly these.
+"""
+import logging
+import os
+import subprocess
+
+from libra_worker.errors import CommandFailed
+
+LOG = logging.getLogger(__name__)
+
+SUDO = "/usr/bin/sudo"
+CP = "/bin/cp"
+MV = "/bin/mv"
+RM = "/bin/rm"
+SERVICE = "/usr/sbin/service"
+DEFAULT_TIMEOUT = 30.0
+
+
+def last_lines(text, count=3):
+    """HAProxy and friends put the reason last; keep it on one line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " | ".join(lines[-count:])
+
+
+class Commands:
+    def __init__(self, sudo, timeout=DEFAULT_TIMEOUT):
+        self.sudo = sudo
+        self.timeout = timeout
+        self.privileged_log = []  # every argv run as root, for audits and tests
+
+    def run(self, argv, stdin=None, timeout=None, check=True):
+        """Run argv; returns CompletedProcess (text) or raises CommandFailed."""
+        name = os.path.basename(argv[2] if argv[0] == SUDO else argv[0])
+        try:
+            result = subprocess.run(argv, input=stdin, capture_output=True, text=True,
+                                    timeout=timeout or self.timeout, close_fds=True,
+                                    errors="replace")
+        except FileNotFoundError:
+            raise CommandFailed(f"{argv[0]} not found") from None
+        except subprocess.TimeoutExpired:
+            raise CommandFailed(f"{name} timed out after {timeout or self.timeout:g}s") from None
+        if check and result.returncode != 0:
+            reason = last_lines(result.stderr or result.stdout) or f"exit status {result.returncode}"
+            raise CommandFailed(f"{name} failed: {reason}")
+        return result
+
+    def privileged(self, argv, stdin=None, timeout=None, check=True):
+        """Run an absolute-path command as root (through `sudo -n` when configured)."""
+        self.privileged_log.append(list(argv))
+        LOG.debug("privileged: %s", " ".join(argv))
+        return self.run([SUDO, "-n", *argv] if self.sudo else list(argv),
+                        stdin=stdin, timeout=timeout, check=check)
+
+    # The file operations of the swap, each one command.
+    def copy(self, source, target):
+        self.privileged([CP, "--", source, target])
+
+    def move(self, source, target):
+        self.privileged([MV, "-f", "--", source, target])
+
+    def remove(self, *paths):
+        self.privileged([RM, "-f", "--", *paths])
+
+    def service(self, name, action):
+        self.privileged([SERVICE, name, action])

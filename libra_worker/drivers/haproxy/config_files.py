@@ -1,0 +1,85 @@
+"""The live HAProxy config file, its backup, and candidates in a private temp dir.
+
+The live file only ever changes by rename within its own directory, so it
+is the old file or the new file at every instant, never a partial one.
+"""
+import os
+import re
+import shutil
+import tempfile
+
+from libra_worker.errors import CommandFailed
+
+CONFIG_MODE = 0o644  # HAProxy (root in system mode, the worker in process mode) reads it
+_ALERT = re.compile(r"^\[(ALERT|WARNING)\]\s*\(\d+\)\s*:\s*", re.M)
+
+
+def haproxy_alerts(output, candidate):
+    """HAProxy's [ALERT] lines, without pids, naming the candidate as 'the new configuration'."""
+    lines = [_ALERT.sub(r"[\1] ", line.strip()).replace(candidate, "new configuration")
+             for line in output.splitlines() if line.startswith("[ALERT]")]
+    return " | ".join(lines) or output.strip().replace("\n", " | ")
+
+
+class ConfigStore:
+    def __init__(self, settings, commands):
+        self.settings = settings
+        self.commands = commands
+        self.path = settings.config
+        self.backup_path = f"{settings.config}.BKUP"
+        self.staging_path = f"{settings.config}.NEW"
+        self.workdir = tempfile.mkdtemp(prefix="libra_worker-")  # mode 0700
+
+    def exists(self):
+        return os.path.exists(self.path)
+
+    def read(self):
+        with open(self.path, "rb") as stream:
+            return stream.read()
+
+    def stage(self, text):
+        """Write a candidate config into the private temp dir; returns its path."""
+        fd, candidate = tempfile.mkstemp(prefix="haproxy-", suffix=".cfg", dir=self.workdir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as stream:
+                os.fchmod(stream.fileno(), CONFIG_MODE)
+                stream.write(text)
+        except OSError as error:
+            self.discard(candidate)
+            raise CommandFailed(f"cannot write the new configuration: {error.strerror}") from None
+        return candidate
+
+    def discard(self, candidate):
+        try:
+            os.unlink(candidate)
+        except FileNotFoundError:
+            pass
+
+    def validate(self, candidate):
+        result = self.commands.run([self.settings.haproxy, "-c", "-f", candidate], check=False)
+        if result.returncode != 0:
+            raise CommandFailed("haproxy rejected the configuration: "
+                                + haproxy_alerts(result.stderr + result.stdout, candidate))
+
+    def install(self, candidate):
+        """Back up the live file, then rename the candidate into place. True if there was one."""
+        had_live = self.exists()
+        if had_live:
+            self.commands.copy(self.path, self.backup_path)
+        self.commands.copy(candidate, self.staging_path)
+        self.commands.move(self.staging_path, self.path)
+        return had_live
+
+    def restore(self, had_live):
+        """Put back what install() replaced (or remove the file it created)."""
+        if had_live:
+            self.commands.copy(self.backup_path, self.staging_path)
+            self.commands.move(self.staging_path, self.path)
+        else:
+            self.commands.remove(self.path)
+
+    def remove_all(self):
+        self.commands.remove(self.path, self.backup_path, self.staging_path)
+
+    def close(self):
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,0 +1,171 @@
+"""The persisted ledger behind METRICS (and the device's lifecycle state).
+
+HAProxy's byte counters start at zero in every new process ("generation":
+a reload, a restart, a SUSPEND/ENABLE).  The ledger remembers, per
+frontend, how much of the current generation was already accounted for
+(`baseline`) and the bytes of finished generations not yet reported
+(`carried`).  It is written atomically after every change, so a worker
+killed at any moment loses nothing it had accounted for.
+"""
+import datetime
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+LOG = logging.getLogger(__name__)
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+LB_STATES = ("NONE", "ACTIVE", "SUSPENDED", "DELETED")
+PROTOCOL_BY_FRONTEND = {"http": "HTTP", "tcp": "TCP", "galera": "GALERA"}
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).strftime(TIME_FORMAT)
+
+
+@dataclass(frozen=True)
+class MetricsReport:
+    utc_start: str
+    utc_end: str
+    bytes_out: List[Tuple[str, int]]  # [(protocol, bytes)]
+
+
+def _fresh():
+    return {"version": 1, "lb_state": "NONE", "window_start": utc_now(),
+            "carried": {}, "generation": None, "baseline": {}, "expect_new_generation": False}
+
+
+def _valid(state):
+    return (isinstance(state, dict) and state.get("version") == 1
+            and state.get("lb_state") in LB_STATES
+            and isinstance(state.get("window_start"), str)
+            and isinstance(state.get("carried"), dict)
+            and isinstance(state.get("baseline"), dict)
+            and all(isinstance(v, int) and v >= 0 for v in state["carried"].values())
+            and all(isinstance(v, int) and v >= 0 for v in state["baseline"].values())
+            and (state.get("generation") is None or isinstance(state["generation"], str)))
+
+
+class Ledger:
+    def __init__(self, path):
+        self.path = path
+        self.state = self._load()
+
+    # -- persistence --------------------------------------------------------
+    def _load(self):
+        try:
+            with open(self.path, encoding="utf-8") as stream:
+                state = json.load(stream)
+        except FileNotFoundError:
+            return _fresh()
+        except (OSError, ValueError) as error:
+            return self._set_aside(f"unreadable ({error})")
+        if not _valid(state):
+            return self._set_aside("not a ledger this worker wrote")
+        state.setdefault("expect_new_generation", False)
+        return state
+
+    def _set_aside(self, why):
+        aside = f"{self.path}.corrupt-{int(time.time())}"
+        try:
+            os.replace(self.path, aside)
+            LOG.error("statsfile %s is %s: moved to %s, counting afresh", self.path, why, aside)
+        except OSError as error:
+            LOG.error("statsfile %s is %s and could not be moved aside (%s): counting afresh",
+                      self.path, why, error.strerror)
+        return _fresh()
+
+    def save(self):
+        """Atomic write: temp file in the same directory, fsync, rename."""
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd, temp_path = tempfile.mkstemp(prefix=".statsfile-", dir=directory)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as stream:
+                    json.dump(self.state, stream)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                os.replace(temp_path, self.path)
+            except BaseException:
+                os.unlink(temp_path)
+                raise
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as error:
+            # Counting goes on in memory; the next save may succeed.
+            LOG.error("cannot write statsfile %s: %s", self.path, error)
+
+    # -- lifecycle state ----------------------------------------------------
+    @property
+    def lb_state(self):
+        return self.state["lb_state"]
+
+    def set_lb_state(self, lb_state):
+        self.state["lb_state"] = lb_state
+        self.save()
+
+    # -- byte accounting ----------------------------------------------------
+    def _unaccounted(self, snapshot):
+        """{protocol: bytes of this generation not yet carried or reported}."""
+        counters = {PROTOCOL_BY_FRONTEND[name]: count
+                    for name, count in snapshot.frontend_bytes_out().items()
+                    if name in PROTOCOL_BY_FRONTEND}
+        if snapshot.generation != self.state["generation"]:
+            if self.state["generation"] is not None and not self.state["expect_new_generation"]:
+                LOG.warning("HAProxy was restarted behind the worker's back (pid %s, was %s): "
+                            "bytes sent since the last reading cannot be counted",
+                            snapshot.generation, self.state["generation"])
+            baseline = {}
+        else:
+            baseline = self.state["baseline"]
+        # A counter below its baseline was cleared: only what it shows now is proven.
+        unaccounted = {protocol: count - baseline.get(protocol, 0)
+                       if count >= baseline.get(protocol, 0) else count
+                       for protocol, count in counters.items()}
+        return counters, unaccounted
+
+    def _advance(self, snapshot, counters):
+        self.state["generation"] = snapshot.generation
+        self.state["baseline"] = counters
+        self.state["expect_new_generation"] = False
+
+    def carry(self, snapshot):
+        """Before the worker resets HAProxy's counters (reload, stop): fold them in."""
+        if snapshot is not None:
+            counters, unaccounted = self._unaccounted(snapshot)
+            carried = self.state["carried"]
+            for protocol, count in unaccounted.items():
+                carried[protocol] = carried.get(protocol, 0) + count
+            self._advance(snapshot, counters)
+        self.state["expect_new_generation"] = True
+        self.save()
+
+    def report(self, snapshot: Optional[object]) -> MetricsReport:
+        """Bytes since the previous report; the window closes now."""
+        totals = dict(self.state["carried"])
+        if snapshot is not None:
+            counters, unaccounted = self._unaccounted(snapshot)
+            for protocol, count in unaccounted.items():
+                totals[protocol] = totals.get(protocol, 0) + count
+            self._advance(snapshot, counters)
+        utc_end = utc_now()
+        report = MetricsReport(self.state["window_start"], utc_end, sorted(totals.items()))
+        self.state["carried"] = {}
+        self.state["window_start"] = utc_end
+        self.save()
+        return report
+
+    def reset(self):
+        """DELETE: nothing of the old load balancer is reported again."""
+        lb_state = self.state["lb_state"]
+        self.state = _fresh()
+        self.state["lb_state"] = lb_state
+        self.save()

@@ -1,0 +1,127 @@
+"""gear, tuned for a worker that lives for months next to flaky job servers.
+
+- TCP_NODELAY on every socket: without it each reply waits ~40 ms on
+  Nagle + delayed ACK.
+- Replies are sent with sendall (gear's own loop resends from the start of
+  the buffer after a partial send).
+- Reconnects back off exponentially per job server, capped at
+  `reconnect_sleep`, and an outage is logged once when it starts and once
+  when it ends, instead of gear's line per attempt.
+"""
+import logging
+import os
+import socket
+import time
+
+import gear
+
+LOG = logging.getLogger(__name__)
+FIRST_RETRY_DELAY = 0.5
+
+
+class NoDelayConnection(gear.Connection):
+    def connect(self):
+        super().connect()
+        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def sendRaw(self, data):
+        with self.send_lock:
+            self.conn.sendall(data)
+
+
+class _ServerPool:
+    """addServer() that builds NoDelayConnections; shared by worker and client."""
+
+    def addServer(self, host, port=4730, ssl_key=None, ssl_cert=None, ssl_ca=None,
+                  keepalive=False, tcp_keepidle=7200, tcp_keepintvl=75, tcp_keepcnt=9):
+        with self.connections_condition:
+            for conn in self.active_connections + self.inactive_connections:
+                if (conn.host, conn.port) == (host, port):
+                    raise gear.ConfigurationError(f"job server {host}:{port} given twice")
+            self.inactive_connections.append(NoDelayConnection(
+                host, port, ssl_key, ssl_cert, ssl_ca, self.client_id,
+                keepalive, tcp_keepidle, tcp_keepintvl, tcp_keepcnt))
+            self.connections_condition.notify_all()
+
+
+class Client(_ServerPool, gear.Client):
+    """A gear client with TCP_NODELAY (bin/client.py, tests, bench)."""
+
+
+class Worker(_ServerPool, gear.Worker):
+    """A gear worker with per-server backoff and one log line per outage."""
+
+    def __init__(self, client_id, reconnect_sleep):
+        self.reconnect_cap = max(reconnect_sleep, 0.1)
+        self._retry_delay = {}   # connection → seconds before the next attempt
+        self._retry_at = {}      # connection → monotonic time of the next attempt
+        self._down_since = {}    # connection → wall time its outage started
+        super().__init__(client_id)
+
+    @staticmethod
+    def _label(conn):
+        return f"{conn.host}:{conn.port}"
+
+    def _note_down(self, conn, why):
+        if conn not in self._down_since:
+            self._down_since[conn] = time.time()
+            LOG.warning("job server %s is unreachable (%s); retrying with backoff up to %gs",
+                        self._label(conn), why, self.reconnect_cap)
+
+    def _lostConnection(self, conn):
+        self._note_down(conn, "connection lost")
+        super()._lostConnection(conn)
+
+    def _doConnectLoop(self):
+        # Replaces gear's fixed 2 s retry: each server has its own backoff,
+        # and a freshly lost server is retried at once.
+        while self.running:
+            with self.connections_condition:
+                now = time.monotonic()
+                due = [conn for conn in self.inactive_connections
+                       if self._retry_at.get(conn, 0) <= now]
+                if not due:
+                    waits = [self._retry_at.get(conn, 0) - now for conn in self.inactive_connections]
+                    self.connections_condition.wait(min(waits) if waits else None)
+                    continue
+            for conn in due:
+                if self.running:
+                    self._try_connect(conn)
+
+    def _try_connect(self, conn):
+        try:
+            conn.reconnect()
+            self._onConnect(conn)
+        except Exception as error:  # socket, TLS or protocol error: all mean "retry later"
+            conn.disconnect()
+            self._note_down(conn, str(error) or type(error).__name__)
+            delay = min(self._retry_delay.get(conn, FIRST_RETRY_DELAY / 2) * 2, self.reconnect_cap)
+            self._retry_delay[conn] = delay
+            self._retry_at[conn] = time.monotonic() + delay
+            return
+        with self.connections_condition:
+            self.inactive_connections.remove(conn)
+            self.active_connections.append(conn)
+            self._retry_delay.pop(conn, None)
+            self._retry_at.pop(conn, None)
+            self.connections_condition.notify_all()
+            os.write(self.wake_write, b"1\n")
+        self._onActiveConnection(conn)
+        down_since = self._down_since.pop(conn, None)
+        if down_since is None:
+            LOG.info("connected to job server %s", self._label(conn))
+        else:
+            LOG.warning("job server %s is back after %.1fs", self._label(conn), time.time() - down_since)
+
+
+def add_servers(pool, gearman_settings):
+    """Connect a Worker or Client to every configured job server."""
+    for host, port in gearman_settings.servers:
+        pool.addServer(host, port,
+                       ssl_key=gearman_settings.ssl_key,
+                       ssl_cert=gearman_settings.ssl_cert,
+                       ssl_ca=gearman_settings.ssl_ca,
+                       keepalive=gearman_settings.keepalive,
+                       tcp_keepidle=gearman_settings.keepidle,
+                       tcp_keepintvl=gearman_settings.keepintvl,
+                       tcp_keepcnt=gearman_settings.keepcnt)

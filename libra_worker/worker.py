@@ -1,0 +1,78 @@
+"""The job loop: take one job at a time from Gearman, always send a reply."""
+import logging
+import threading
+import time
+
+import gear
+
+from libra_worker import gearman
+
+LOG = logging.getLogger(__name__)
+
+
+class JobLoop:
+    """Registers `settings.name` and feeds each job to the controller.
+
+    stop() may be called from a signal handler: the job in hand finishes
+    and its reply is sent before run() returns.
+    """
+
+    def __init__(self, settings, controller):
+        self.settings = settings
+        self.controller = controller
+        self.running = False
+        self.in_job = False
+        self._gear = None
+
+    def run(self):
+        self._gear = gearman.Worker(f"libra_worker-{self.settings.name}",
+                                    self.settings.gearman.reconnect_sleep)
+        gearman.add_servers(self._gear, self.settings.gearman)
+        self._gear.registerFunction(self.settings.name)
+        self.running = True
+        servers = ", ".join(f"{host}:{port}" for host, port in self.settings.gearman.servers)
+        LOG.info("serving function %r from %s", self.settings.name, servers)
+        try:
+            while self.running:
+                try:
+                    job = self._gear.getJob()
+                except gear.InterruptedError:
+                    break
+                self._serve(job)
+        finally:
+            self._close()
+
+    def stop(self):
+        """Ask run() to return after the job in hand (safe in a signal handler)."""
+        self.running = False
+        if self._gear is not None:
+            # getJob() holds gear's job lock now and then; never take it from
+            # inside a signal handler running on the same thread.
+            threading.Thread(target=self._gear.stopWaitingForJobs, daemon=True).start()
+
+    def _serve(self, job):
+        started = time.monotonic()
+        self.in_job = True
+        try:
+            result = self.controller.handle(job.arguments)
+            try:
+                job.sendWorkComplete(result.reply_bytes)
+                sent = ""
+            except Exception as error:  # the job server went away; gearmand re-queues the job
+                sent = f" (reply not delivered: {error})"
+        finally:
+            self.in_job = False
+        handle = (job.unique or job.handle or b"?").decode("utf-8", "replace")
+        LOG.info("job %s %s %s %.3fs%s", handle, result.action, result.status,
+                 time.monotonic() - started, sent)
+        if result.status != "PASS":
+            LOG.info("job %s failed: %s", handle, result.error)
+
+    def _close(self):
+        gear_worker, self._gear = self._gear, None
+        try:
+            gear_worker.unRegisterFunction(self.settings.name)
+        except Exception as error:  # no job server to tell: nothing to undo
+            LOG.debug("could not unregister %s: %s", self.settings.name, error)
+        gear_worker.shutdown()
+        LOG.info("stopped serving %r", self.settings.name)
