@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 
-from libra_worker.errors import CommandFailed, ServiceError
+from libra_worker.errors import ServiceError
 
 LOG = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ def unix_request(path, command, timeout=5.0):
         conn.settimeout(timeout)
         conn.connect(path)
         conn.sendall(command.encode() + b"\n")
+        conn.shutdown(socket.SHUT_WR)  # end of input: the CLI answers, then closes
         chunks = []
         while True:
             chunk = conn.recv(65536)
@@ -202,5 +203,3 @@ def make_service(settings, commands, query_pid):
         return ProcessService(settings, commands)
     return SystemService(settings, commands, query_pid)
 
-
-__all__ = ["CommandFailed", "ProcessService", "SystemService", "make_service", "unix_request"]
