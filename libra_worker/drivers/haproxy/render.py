@@ -1,0 +1,142 @@
+"""Validated load balancers → HAProxy configuration text.
+
+All HAProxy syntax lives in templates/ (base.j2: global and defaults;
+haproxy.cfg.j2: the proxies; macros.j2: one macro per section).  This
+module only maps the models onto the template context: protocol and
+algorithm keywords become HAProxy words, a monitor becomes check settings.
+
+Every string that reaches the template is checked once more to be a single
+configuration word (no whitespace, '#', quotes, backslash or braces), so a
+model built by hand, or an odd operator setting, cannot add a line either.
+"""
+import os
+import re
+
+import jinja2
+
+from libra_worker.errors import ConfigError
+
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+TEMPLATE = "haproxy.cfg.j2"
+
+_FRONTEND_NAMES = {"HTTP": "http", "TCP": "tcp", "GALERA": "galera"}
+_MODES = {"HTTP": "http", "TCP": "tcp", "GALERA": "tcp"}
+_BALANCE = {"ROUND_ROBIN": "roundrobin", "LEAST_CONNECTIONS": "leastconn"}
+
+# Health check used when a load balancer has no monitor: a plain TCP
+# connect, so that STATS still reports real health.
+DEFAULT_CHECK = {"inter": 5, "rise": 2, "fall": 3, "timeout": None, "http_path": None}
+
+# One configuration word: printable ASCII except space, '#', quotes, '\', '{', '}'.
+_WORD = re.compile(r"[!$%&()*+,\-./0-9:;<=>?@A-Z\[\]^_`a-z|~]+")
+
+_environment = None
+
+
+def environment():
+    """The module's Jinja2 environment, built once."""
+    global _environment
+    if _environment is None:
+        _environment = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            undefined=jinja2.StrictUndefined,
+            autoescape=False)
+    return _environment
+
+
+def frontend_name(protocol: str) -> str:
+    """'HTTP' → 'http': the frontend (and METRICS row) of a load balancer."""
+    try:
+        return _FRONTEND_NAMES[protocol.upper()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown protocol {protocol!r}") from None
+
+
+def backend_name(protocol: str) -> str:
+    """'HTTP' → 'http_servers': the backend holding a load balancer's nodes."""
+    return frontend_name(protocol) + "_servers"
+
+
+def _word(value, what):
+    if not isinstance(value, str) or not _WORD.fullmatch(value):
+        raise ValueError(f"{what}: not a single configuration word: {value!r:.60}")
+    return value
+
+
+def _number(value, what):
+    if type(value) is not int:
+        raise ValueError(f"{what}: not an integer: {value!r:.60}")
+    return value
+
+
+def _setting(settings, option):
+    value = getattr(settings, option)
+    if not isinstance(value, str) or not _WORD.fullmatch(value):
+        raise ConfigError(f"[worker:haproxy] {option}", value,
+                          "must be one word without spaces, '#', quotes, '\\' or braces")
+    return value
+
+
+def _check(lb):
+    monitor = lb.monitor
+    if monitor is None:
+        return DEFAULT_CHECK
+    return {
+        "inter": _number(monitor.delay, "monitor delay"),
+        "rise": _number(monitor.attempts, "monitor attempts"),
+        "fall": monitor.attempts,
+        "timeout": _number(monitor.timeout, "monitor timeout"),
+        "http_path": (_word(monitor.path, "monitor path")
+                      if monitor.type == "HTTP" else None),
+    }
+
+
+def _server(node):
+    return {
+        "id": _word(node.id, "node id"),
+        "address": _word(node.address, "node address"),
+        "ipv6": ":" in node.address,
+        "port": _number(node.port, "node port"),
+        "weight": _number(node.weight, "node weight"),
+        "backup": node.backup is True,
+    }
+
+
+def _proxy(lb):
+    options = lb.options
+    return {
+        "protocol": lb.protocol,
+        "frontend": frontend_name(lb.protocol),
+        "backend": backend_name(lb.protocol),
+        "mode": _MODES[lb.protocol],
+        "port": _number(lb.port, "port"),
+        "balance": _BALANCE[lb.algorithm],
+        "client_timeout": _number(options.client_timeout, "client_timeout"),
+        "server_timeout": _number(options.server_timeout, "server_timeout"),
+        "connect_timeout": _number(options.connect_timeout, "connect_timeout"),
+        "connect_retries": _number(options.connect_retries, "connect_retries"),
+        "check": _check(lb),
+        "servers": [_server(node) for node in lb.nodes],
+    }
+
+
+def render_config(load_balancers, settings, *, user=None, group=None) -> str:
+    """The whole HAProxy configuration for `load_balancers` (models.LoadBalancer).
+
+    `settings` is a HaproxySettings; `user`/`group`, when given, make HAProxy
+    drop privileges after binding.
+    """
+    context = {
+        "log_target": _setting(settings, "log_target"),
+        "pidfile": _setting(settings, "pidfile"),
+        "stats_socket": _setting(settings, "stats_socket"),
+        "bind_address": _setting(settings, "bind_address"),
+        "bind_ipv6": ":" in settings.bind_address,
+        "user": None if user is None else _word(user, "user"),
+        "group": None if group is None else _word(group, "group"),
+        "load_balancers": [_proxy(lb) for lb in load_balancers],
+    }
+    return environment().get_template(TEMPLATE).render(context)
