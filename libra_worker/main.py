@@ -33,8 +33,11 @@ def serve(settings, file_handler):
     loop = JobLoop(settings, Controller(settings, driver))
     install_signal_handlers(loop, file_handler)
     LOG.info("libra_worker %s starting (driver %s, pid %d)", __version__, settings.driver, os.getpid())
-    driver.start()
-    loop.run()
+    try:
+        driver.start()
+        loop.run()
+    finally:
+        driver.close()
     return 0
 
 

@@ -68,6 +68,10 @@ class HAProxyDriver:
             except JobError as error:
                 LOG.error("could not start HAProxy: %s", error)
 
+    def close(self):
+        """The worker is stopping: HAProxy keeps serving; only our temp files go."""
+        self.configs.close()
+
     # -- actions ---------------------------------------------------------------
     def update(self, load_balancers):
         candidate = self.configs.stage(render.render_config(load_balancers, self.settings))
