@@ -6,6 +6,7 @@ INI file or argv.  Every bad value raises ConfigError naming the option.
 import argparse
 import configparser
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -19,6 +20,7 @@ SERVICE_MODES = ("system", "process")
 DRIVERS = ("haproxy",)
 
 HostPort = Tuple[str, int]
+_CONFIG_WORD = re.compile(r"[^\s#\"'\\{}]+")
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,11 @@ def _haproxy(ini):
         if not value:
             raise ConfigError(f"[worker:haproxy] {key}", value, "must not be empty")
         paths[key] = value
+    for key, value in paths.items():
+        if not _CONFIG_WORD.fullmatch(value):
+            # These go into the HAProxy config or onto command lines as one word.
+            raise ConfigError(f"[worker:haproxy] {key}", value,
+                              "must be one word without spaces, '#', quotes, '\\' or braces")
     for key in ("config", "pidfile", "stats_socket", "master_socket", "statsfile", "logfile"):
         if not os.path.isabs(paths[key]):
             raise ConfigError(f"[worker:haproxy] {key}", paths[key], "must be an absolute path")
