@@ -63,10 +63,9 @@ class JobLoop:
         finally:
             self.in_job = False
         handle = (job.unique or job.handle or b"?").decode("utf-8", "replace")
-        LOG.info("job %s %s %s %.3fs%s", handle, result.action, result.status,
-                 time.monotonic() - started, sent)
-        if result.status != "PASS":
-            LOG.info("job %s failed: %s", handle, result.error)
+        reason = f": {result.error}" if result.error else ""
+        LOG.info("job %s %s %s %.3fs%s%s", handle, result.action, result.status,
+                 time.monotonic() - started, reason, sent)
 
     def _close(self):
         gear_worker, self._gear = self._gear, None
