@@ -47,6 +47,9 @@ def main(argv=None):
     except ConfigError as error:
         print(f"libra_worker: {error}", file=sys.stderr)
         return 2
+    if settings.check:
+        from libra_worker import preflight
+        return preflight.main(settings)
     if settings.nodaemon:
         try:
             file_handler = logs.setup(settings)

@@ -39,7 +39,7 @@ def _fresh():
             "carried": {}, "generation": None, "baseline": {}, "expect_new_generation": False}
 
 
-def _valid(state):
+def valid_state(state):
     return (isinstance(state, dict) and state.get("version") == 1
             and state.get("lb_state") in LB_STATES
             and isinstance(state.get("window_start"), str)
@@ -64,7 +64,7 @@ class Ledger:
             return _fresh()
         except (OSError, ValueError) as error:
             return self._set_aside(f"unreadable ({error})")
-        if not _valid(state):
+        if not valid_state(state):
             return self._set_aside("not a ledger this worker wrote")
         state.setdefault("expect_new_generation", False)
         return state

@@ -19,6 +19,14 @@ from libra_worker.errors import CommandFailed, Deleted, JobError, NotSupported, 
 LOG = logging.getLogger(__name__)
 
 
+def privileged_commands(settings):
+    """Absolute paths of every command the worker runs as root (sudoers, --check)."""
+    commands = [CP, MV, RM, settings.socat]
+    if settings.service == "system":
+        commands.append(SERVICE)
+    return commands
+
+
 class HAProxyDriver:
     def __init__(self, settings):
         self.settings = settings
@@ -29,13 +37,6 @@ class HAProxyDriver:
         self.ledger = Ledger(settings.statsfile)
 
     # -- start-up ------------------------------------------------------------
-    def privileged_commands(self):
-        """Absolute paths of every command the worker runs as root (for sudoers and --check)."""
-        commands = [CP, MV, RM, self.settings.socat]
-        if self.settings.service == "system":
-            commands.append(SERVICE)
-        return commands
-
     def preflight(self, user):
         """Problems that must stop a daemon from starting, one line each."""
         problems = []
@@ -44,7 +45,7 @@ class HAProxyDriver:
             if not (os.path.isfile(path) and os.access(path, os.X_OK)):
                 problems.append(f"[worker:haproxy] {option}: {path} not found or not executable")
         if self.settings.sudo:
-            for command in self.privileged_commands():
+            for command in privileged_commands(self.settings):
                 if not self._sudo_allows(user, command):
                     problems.append(f"[worker:haproxy] sudo: 'sudo -n {command}' is not allowed for {user}")
         return problems
