@@ -9,8 +9,10 @@ Every string that reaches the template is checked once more to be a single
 configuration word (no whitespace, '#', quotes, backslash or braces), so a
 model built by hand, or an odd operator setting, cannot add a line either.
 """
+import ipaddress
 import os
 import re
+from dataclasses import dataclass
 
 import jinja2
 
@@ -140,3 +142,82 @@ def render_config(load_balancers, settings, *, user=None, group=None) -> str:
         "load_balancers": [_proxy(lb) for lb in load_balancers],
     }
     return environment().get_template(TEMPLATE).render(context)
+
+
+# -- runtime API: changes applied without a reload ------------------------------
+
+@dataclass(frozen=True)
+class RuntimeCommand:
+    line: str            # one stats-socket command, from templates/runtime.j2
+    expect: re.Pattern   # what HAProxy answers when it worked
+
+
+_SILENT = re.compile(r"\A\s*\Z")
+_RUNTIME_OK = {
+    "set_weight": _SILENT,
+    "set_addr": re.compile(r"\A\s*(IP changed|port changed|no need to change)"),
+    "add_server": re.compile(r"\A\s*New server registered\."),
+    "enable_health": _SILENT,
+    "set_state": _SILENT,
+    "del_server": re.compile(r"\A\s*Server deleted\."),
+}
+
+
+def _frame(lb):
+    """Everything of a load balancer but its nodes: a change here needs a reload."""
+    return (lb.protocol, lb.port, lb.algorithm, lb.monitor, lb.options)
+
+
+def _is_ip(address):
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+def runtime_commands(old_lbs, new_lbs):
+    """[RuntimeCommand] turning running `old_lbs` into `new_lbs`, or None when only a reload can.
+
+    Node weights and IP addresses change in place; nodes of TCP and GALERA
+    load balancers are added and removed as dynamic servers.  HTTP nodes
+    carry a persistence cookie, which HAProxy 2.6 refuses on dynamic
+    servers, and a node's backup flag cannot change at run time.
+    """
+    if old_lbs is None or len(old_lbs) != len(new_lbs):
+        return None
+    macros = environment().get_template("runtime.j2").module
+    commands = []
+
+    def add(kind, *args):
+        commands.append(RuntimeCommand(str(getattr(macros, kind)(*args)).strip(), _RUNTIME_OK[kind]))
+
+    by_protocol = {lb.protocol: lb for lb in old_lbs}
+    for new in new_lbs:
+        old = by_protocol.get(new.protocol)
+        if old is None or _frame(old) != _frame(new):
+            return None
+        proxy = _proxy(new)
+        before = {server["id"]: server for server in _proxy(old)["servers"]}
+        after = {server["id"]: server for server in proxy["servers"]}
+        for node_id, server in after.items():
+            was = before.get(node_id)
+            if was is None:
+                if new.protocol == "HTTP":
+                    return None
+                add("add_server", proxy, server)
+                add("enable_health", proxy, server)
+                add("set_state", proxy, server, "ready")
+                continue
+            if was["backup"] != server["backup"]:
+                return None
+            if (was["address"], was["port"]) != (server["address"], server["port"]):
+                if not _is_ip(server["address"]):
+                    return None
+                add("set_addr", proxy, server)
+            if was["weight"] != server["weight"]:
+                add("set_weight", proxy, server)
+        for node_id in before.keys() - after.keys():
+            add("set_state", proxy, before[node_id], "maint")
+            add("del_server", proxy, before[node_id])
+    return commands
