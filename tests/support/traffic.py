@@ -85,6 +85,27 @@ def backend_counts(port, count, path="/", headers=None):
     return counts
 
 
+def keepalive_counts(port, count, path="/", host=LOOPBACK, timeout=REQUEST_TIMEOUT):
+    """`count` GETs one after the other on ONE client connection → Counter of back-end names.
+
+    Each request ends its HAProxy transaction before the next one is read, so
+    the server it used is no longer counted busy (unlike a fresh connection,
+    which can race the previous one's cleanup).
+    """
+    counts = collections.Counter()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        for _ in range(count):
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, f"GET {path} through :{port} answered {response.status}"
+            counts[response.headers.get("X-Backend")] += 1
+    finally:
+        conn.close()
+    return counts
+
+
 def serves(port, names=None, path="/"):
     """True when a GET through :port answers 200 from a back-end (one of `names` when given)."""
     response = http_get(port, path)
