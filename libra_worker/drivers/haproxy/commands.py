@@ -48,6 +48,17 @@ class Commands:
             raise CommandFailed(f"{name} failed: {reason}")
         return result
 
+    def spawn(self, argv, output_path):
+        """Start a long-lived process in its own session, output appended to a file."""
+        try:
+            with open(output_path, "ab") as output:
+                return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                        close_fds=True, start_new_session=True)
+        except FileNotFoundError:
+            raise CommandFailed(f"{argv[0]} not found") from None
+        except OSError as error:
+            raise CommandFailed(f"cannot start {argv[0]}: {error}") from None
+
     def privileged(self, argv, stdin=None, timeout=None, check=True):
         """Run an absolute-path command as root (through `sudo -n` when configured)."""
         self.privileged_log.append(list(argv))

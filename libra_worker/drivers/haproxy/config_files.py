@@ -14,10 +14,12 @@ CONFIG_MODE = 0o644  # HAProxy (root in system mode, the worker in process mode)
 _ALERT = re.compile(r"^\[(ALERT|WARNING)\]\s*\(\d+\)\s*:\s*", re.M)
 
 
-def haproxy_alerts(output, candidate):
-    """HAProxy's [ALERT] lines, without pids, naming the candidate as 'the new configuration'."""
-    lines = [_ALERT.sub(r"[\1] ", line.strip()).replace(candidate, "new configuration")
-             for line in output.splitlines() if line.startswith("[ALERT]")]
+def haproxy_alerts(output, candidate=None):
+    """HAProxy's [ALERT] lines, without pids (the candidate named 'new configuration')."""
+    lines = [_ALERT.sub(r"[\1] ", line.strip()) for line in output.splitlines()
+             if line.startswith("[ALERT]")]
+    if candidate:
+        lines = [line.replace(candidate, "new configuration") for line in lines]
     return " | ".join(lines) or output.strip().replace("\n", " | ")
 
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 
+from libra_worker.drivers.haproxy.config_files import haproxy_alerts
 from libra_worker.errors import ServiceError
 
 LOG = logging.getLogger(__name__)
@@ -63,33 +64,43 @@ class ProcState:
                 self.workers.append((int(pid), int(reloads)))
 
     @property
+    def worker_pids(self):
+        return {pid for pid, _ in self.workers}
+
+    @property
     def current_worker(self):
-        """The worker started by the last successful (re)load: it has survived no reload."""
-        fresh = [pid for pid, reloads in self.workers if reloads == 0]
-        return fresh[0] if fresh else None
+        """The newest worker (fewest reloads survived); after a failed reload, the old one."""
+        return min(self.workers, key=lambda worker: (worker[1], -worker[0]))[0] if self.workers else None
 
 
 class ProcessService:
-    """HAProxy in master-worker mode, started and reloaded by the worker itself."""
+    """HAProxy in master-worker mode, started and reloaded by the worker itself.
+
+    The master runs in its own session, not daemonized (-D would close its
+    stderr): its output goes to `<master_socket>.log`, where a failed start
+    or reload leaves HAProxy's own [ALERT] lines for the reply.
+    """
+
+    MAX_OUTPUT_BYTES = 1 << 20
 
     def __init__(self, settings, commands, start_timeout=10.0):
         self.settings = settings
         self.commands = commands
         self.start_timeout = start_timeout
-
-    def _show_proc(self):
-        return ProcState(unix_request(self.settings.master_socket, "show proc"))
+        self.output_path = f"{settings.master_socket}.log"
+        self._child = None  # the master we started, reaped when it exits
 
     def state(self):
         """ProcState, or None when no master answers."""
+        self._reap()
         try:
-            return self._show_proc()
+            return ProcState(unix_request(self.settings.master_socket, "show proc"))
         except OSError:
             return None
 
     def running(self):
         state = self.state()
-        return bool(state and state.current_worker)
+        return bool(state and state.workers)
 
     def worker_pid(self):
         state = self.state()
@@ -98,15 +109,19 @@ class ProcessService:
     def start(self):
         if self.running():
             return
-        self.commands.run([self.settings.haproxy, "-W", "-S", f"{self.settings.master_socket},mode,600",
-                           "-f", self.settings.config, "-D"], timeout=self.start_timeout)
-        self._wait(lambda state: state is not None and state.current_worker,
-                   "HAProxy did not start its worker")
+        offset = self._output_offset()
+        self._child = self.commands.spawn(
+            [self.settings.haproxy, "-W", "-S", f"{self.settings.master_socket},mode,600",
+             "-f", self.settings.config], self.output_path)
+        self._wait(lambda state: state is not None and state.workers,
+                   lambda: self._child is None or self._child.poll() is not None,
+                   "HAProxy did not start", offset)
 
     def reload(self):
         before = self.state()
-        if before is None or before.current_worker is None:
+        if before is None or not before.workers:
             return self.start()
+        offset = self._output_offset()
         try:
             unix_request(self.settings.master_socket, "reload")
         except OSError as error:
@@ -114,18 +129,10 @@ class ProcessService:
         state = self._wait(
             lambda state: state is not None and (
                 state.failed_reloads > before.failed_reloads
-                or state.current_worker not in (None, before.current_worker)),
-            "HAProxy did not finish the reload")
+                or bool(state.worker_pids - before.worker_pids)),
+            lambda: False, "HAProxy did not finish the reload", offset)
         if state.failed_reloads > before.failed_reloads:
-            raise ServiceError(f"HAProxy failed to reload: {self._startup_error()}")
-
-    def _startup_error(self):
-        try:
-            text = unix_request(self.settings.master_socket, "show startup-logs")
-        except OSError:
-            return "no startup log"
-        alerts = [line.strip() for line in text.splitlines() if "ALERT" in line]
-        return " | ".join(alerts[-3:]) or "no reason given"
+            raise ServiceError(f"HAProxy failed to reload: {self._alerts_since(offset)}")
 
     def stop(self):
         state = self.state()
@@ -137,10 +144,39 @@ class ProcessService:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + self.start_timeout
-        while pid_alive(master) or (state and any(pid_alive(pid) for pid, _ in state.workers)):
+        workers = state.worker_pids if state else set()
+        while True:
+            self._reap()  # our own master stays a zombie, "alive", until collected
+            if not pid_alive(master) and not any(pid_alive(pid) for pid in workers):
+                return
             if time.monotonic() > deadline:
                 raise ServiceError(f"HAProxy (pid {master}) did not stop")
             time.sleep(POLL_INTERVAL)
+
+    def _reap(self):
+        """Collect our master if it exited, so it leaves no zombie."""
+        if self._child is not None and self._child.poll() is not None:
+            self._child = None
+
+    def _output_offset(self):
+        """Where new output starts; the file restarts when it grew large (HAProxy appends)."""
+        try:
+            size = os.path.getsize(self.output_path)
+        except OSError:
+            return 0
+        if size > self.MAX_OUTPUT_BYTES:
+            os.truncate(self.output_path, 0)
+            return 0
+        return size
+
+    def _alerts_since(self, offset):
+        try:
+            with open(self.output_path, "rb") as stream:
+                stream.seek(offset)
+                text = stream.read(self.MAX_OUTPUT_BYTES).decode("utf-8", "replace")
+        except OSError:
+            return "no reason given"
+        return haproxy_alerts(text) or "no reason given"
 
     def _pid_from_file(self):
         try:
@@ -149,14 +185,16 @@ class ProcessService:
         except (OSError, ValueError, IndexError):
             return None
 
-    def _wait(self, done, what):
+    def _wait(self, done, gave_up, what, offset):
         deadline = time.monotonic() + self.start_timeout
         while True:
             state = self.state()
             if done(state):
                 return state
+            if gave_up():
+                raise ServiceError(f"{what}: {self._alerts_since(offset)}")
             if time.monotonic() > deadline:
-                raise ServiceError(f"{what} within {self.start_timeout:g}s")
+                raise ServiceError(f"{what} within {self.start_timeout:g}s: {self._alerts_since(offset)}")
             time.sleep(POLL_INTERVAL)
 
 
