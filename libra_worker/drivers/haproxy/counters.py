@@ -6,6 +6,9 @@ frontend, how much of the current generation was already accounted for
 (`baseline`) and the bytes of finished generations not yet reported
 (`carried`).  It is written atomically after every change, so a worker
 killed at any moment loses nothing it had accounted for.
+
+Generations the worker has seen replaced are `retired`: a late answer from
+one (an old process still draining after a reload) is not counted again.
 """
 import datetime
 import json
@@ -20,6 +23,7 @@ LOG = logging.getLogger(__name__)
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 LB_STATES = ("NONE", "ACTIVE", "SUSPENDED", "DELETED")
+RETIRED_KEPT = 16
 PROTOCOL_BY_FRONTEND = {"http": "HTTP", "tcp": "TCP", "galera": "GALERA"}
 
 
@@ -36,18 +40,33 @@ class MetricsReport:
 
 def _fresh():
     return {"version": 1, "lb_state": "NONE", "window_start": utc_now(),
-            "carried": {}, "generation": None, "baseline": {}, "expect_new_generation": False}
+            "carried": {}, "generation": None, "baseline": {}, "expect_new_generation": False,
+            "retired": []}
+
+
+def _is_time(text):
+    try:
+        datetime.datetime.strptime(text, TIME_FORMAT)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _is_counts(value):
+    # bool is an int to Python, not to whoever reads the METRICS reply
+    return isinstance(value, dict) and all(type(v) is int and v >= 0 for v in value.values())
 
 
 def valid_state(state):
     return (isinstance(state, dict) and state.get("version") == 1
             and state.get("lb_state") in LB_STATES
-            and isinstance(state.get("window_start"), str)
-            and isinstance(state.get("carried"), dict)
-            and isinstance(state.get("baseline"), dict)
-            and all(isinstance(v, int) and v >= 0 for v in state["carried"].values())
-            and all(isinstance(v, int) and v >= 0 for v in state["baseline"].values())
-            and (state.get("generation") is None or isinstance(state["generation"], str)))
+            and _is_time(state.get("window_start"))
+            and _is_counts(state.get("carried"))
+            and _is_counts(state.get("baseline"))
+            and (state.get("generation") is None or isinstance(state["generation"], str))
+            and isinstance(state.get("expect_new_generation", False), bool)
+            and isinstance(state.get("retired", []), list)
+            and all(isinstance(g, str) for g in state.get("retired", [])))
 
 
 class Ledger:
@@ -62,15 +81,21 @@ class Ledger:
                 state = json.load(stream)
         except FileNotFoundError:
             return _fresh()
-        except (OSError, ValueError) as error:
-            return self._set_aside(f"unreadable ({error})")
+        except (OSError, ValueError, RecursionError) as error:
+            return self._set_aside(f"unreadable ({type(error).__name__}: {error})")
         if not valid_state(state):
             return self._set_aside("not a ledger this worker wrote")
         state.setdefault("expect_new_generation", False)
+        state.setdefault("retired", [])
         return state
 
     def _set_aside(self, why):
-        aside = f"{self.path}.corrupt-{int(time.time())}"
+        stamp = int(time.time())
+        aside = f"{self.path}.corrupt-{stamp}"
+        number = 1
+        while os.path.lexists(aside):  # never overwrite an earlier one
+            aside = f"{self.path}.corrupt-{stamp}-{number}"
+            number += 1
         try:
             os.replace(self.path, aside)
             LOG.error("statsfile %s is %s: moved to %s, counting afresh", self.path, why, aside)
@@ -133,12 +158,31 @@ class Ledger:
         return counters, unaccounted
 
     def _advance(self, snapshot, counters):
+        previous = self.state["generation"]
+        if snapshot.generation == previous:
+            # Same process, same frontends: keep a baseline a reading lacked.
+            counters = {**self.state["baseline"], **counters}
+        elif previous is not None:
+            self.state["retired"] = (self.state["retired"] + [previous])[-RETIRED_KEPT:]
         self.state["generation"] = snapshot.generation
         self.state["baseline"] = counters
         self.state["expect_new_generation"] = False
 
+    def _current(self, snapshot):
+        """The snapshot, or None when it comes from a generation already replaced."""
+        if snapshot is not None and snapshot.generation in self.state["retired"]:
+            LOG.info("ignored the counters of HAProxy %s: a newer process already answered",
+                     snapshot.generation)
+            return None
+        return snapshot
+
     def carry(self, snapshot):
         """Before the worker resets HAProxy's counters (reload, stop): fold them in."""
+        if (snapshot is None and self.state["generation"] is not None
+                and not self.state["expect_new_generation"]):
+            LOG.warning("HAProxy (%s) stopped behind the worker's back: bytes sent since "
+                        "the last reading cannot be counted", self.state["generation"])
+        snapshot = self._current(snapshot)
         if snapshot is not None:
             counters, unaccounted = self._unaccounted(snapshot)
             carried = self.state["carried"]
@@ -151,12 +195,14 @@ class Ledger:
     def report(self, snapshot: Optional[object]) -> MetricsReport:
         """Bytes since the previous report; the window closes now."""
         totals = dict(self.state["carried"])
+        snapshot = self._current(snapshot)
         if snapshot is not None:
             counters, unaccounted = self._unaccounted(snapshot)
             for protocol, count in unaccounted.items():
                 totals[protocol] = totals.get(protocol, 0) + count
             self._advance(snapshot, counters)
-        utc_end = utc_now()
+        # Windows never overlap, even when the clock was set back.
+        utc_end = max(utc_now(), self.state["window_start"])
         report = MetricsReport(self.state["window_start"], utc_end, sorted(totals.items()))
         self.state["carried"] = {}
         self.state["window_start"] = utc_end

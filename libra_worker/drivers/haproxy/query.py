@@ -11,6 +11,10 @@ from typing import Dict, List, Optional, Tuple
 from libra_worker.errors import CommandFailed, ServiceError
 
 QUERY = "show info;show stat\n"
+# socat stops reading this long after it sent QUERY (its default, 0.5 s, cuts
+# off a busy HAProxy's answer); HAProxy closes the connection once it answered.
+SOCAT_LINGER = "8"
+QUERY_TIMEOUT = 10
 REQUIRED_COLUMNS = ("pxname", "svname", "status", "bout")
 AGGREGATE_ROWS = ("FRONTEND", "BACKEND")
 
@@ -43,7 +47,11 @@ class Snapshot:
 
 
 def parse(text) -> Snapshot:
-    """The answer to QUERY → Snapshot, or ServiceError saying what was wrong."""
+    """The answer to QUERY → Snapshot, or ServiceError saying what was wrong.
+
+    HAProxy ends the answer to each command with an empty line: an answer
+    without one was cut short, and a partial reading must never be counted.
+    """
     info, _, stat = text.partition("\n# ")
     fields = {}
     for line in info.splitlines():
@@ -58,6 +66,8 @@ def parse(text) -> Snapshot:
         raise ServiceError(f"the stats socket gave no process info: {_excerpt(text)}") from None
     if not stat:
         raise ServiceError(f"the stats socket gave no statistics: {_excerpt(text)}")
+    if not stat.endswith("\n\n"):
+        raise ServiceError("the stats socket's answer was cut short")
     reader = csv.DictReader(stat.splitlines())
     missing = [name for name in REQUIRED_COLUMNS if name not in (reader.fieldnames or ())]
     if missing:
@@ -67,13 +77,17 @@ def parse(text) -> Snapshot:
         for row in reader:
             if row.get("pxname") is None or row.get("svname") is None:
                 continue
+            if None in row.values():
+                raise ValueError(f"line {reader.line_num} has fewer fields than the header")
             int(row["bout"] or 0)
             rows.append(row)
     except (ValueError, csv.Error) as error:
         raise ServiceError(f"the stats socket's CSV is malformed: {error}") from None
     if started is None:
-        # Older HAProxy: Uptime_sec is all there is; a second of jitter is fine.
-        started = int(fields.get("Uptime_sec", "0") or 0)
+        # Older HAProxy has no Start_time_sec.  Uptime_sec grows with every
+        # reading (and now - uptime jitters by a second), so it cannot name a
+        # generation: the pid alone does.
+        started = 0
     return Snapshot(pid=pid, started=started, rows=tuple(rows))
 
 
@@ -94,12 +108,12 @@ class StatsSocket:
         """Read the socket now; ServiceError when missing, refusing or garbled."""
         if not self.exists():
             raise ServiceError(f"HAProxy is not running (no stats socket at {self.path})")
-        argv = [self.socat, "stdio", f"unix-connect:{self.path}"]
+        argv = [self.socat, "-t", SOCAT_LINGER, "stdio", f"unix-connect:{self.path}"]
         try:
             if os.access(self.path, os.R_OK | os.W_OK):
-                result = self.commands.run(argv, stdin=QUERY, timeout=10)
+                result = self.commands.run(argv, stdin=QUERY, timeout=QUERY_TIMEOUT)
             else:
-                result = self.commands.privileged(argv, stdin=QUERY, timeout=10)
+                result = self.commands.privileged(argv, stdin=QUERY, timeout=QUERY_TIMEOUT)
         except CommandFailed as error:
             raise ServiceError(f"HAProxy is not answering on {self.path}: {error}") from None
         return parse(result.stdout)
