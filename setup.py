@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/x-rst",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=find_packages(exclude=["tests", "tests.*"]),
+    packages=find_packages(exclude=["tests", "tests.*", "bench", "bench.*"]),
     package_data={"libra_worker.drivers.haproxy": ["templates/*.j2"]},
     include_package_data=True,
     install_requires=[

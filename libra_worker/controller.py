@@ -22,6 +22,7 @@ class JobResult:
     reply: dict
     action: str
     error: Optional[str] = None
+    note: Optional[str] = None  # how the job was done, for the log line
 
     @property
     def status(self):
@@ -89,9 +90,9 @@ class Controller:
             LOG.debug("request: %s", json.dumps(reply))
             action = self._action(message)
             self._known(action)
-            self.handlers[action](message, reply)
+            note = self.handlers[action](message, reply)
             reply["hpcs_response"] = "PASS"
-            result = JobResult(reply, action)
+            result = JobResult(reply, action, note=note)
         except BadRequest as error:
             result = self._fail(reply, action, error, bad_request=True)
         except Deleted as error:
@@ -131,10 +132,11 @@ class Controller:
     # -- actions -----------------------------------------------------------
     def do_update(self, message, reply):
         load_balancers = models.parse_update(message)
-        self.driver.update(load_balancers)
+        how = self.driver.update(load_balancers)
         for lb_reply in reply["loadBalancers"]:
             for node in lb_reply["nodes"]:
                 node["condition"] = "ENABLED"
+        return how
 
     def do_stats(self, message, reply):
         reply["nodes"] = [{"id": node_id, "status": status} for node_id, status in self.driver.stats()]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from libra_worker import diagnostics
 from libra_worker.drivers.haproxy import counters
 from libra_worker.drivers.haproxy.commands import SUDO
+from libra_worker.drivers.haproxy.commands import SERVICE
 from libra_worker.drivers.haproxy.driver import privileged_commands
 
 
@@ -54,14 +55,37 @@ def _writable_dir(name, path, option):
     return Check(name, True, f"{directory} writable")
 
 
+def sudo_checks(settings):
+    """The argv lists `sudo -n` must allow.  A sudoers rule for `service`
+    names its arguments, so that one is checked with them."""
+    checks = []
+    for command in privileged_commands(settings):
+        if command == SERVICE:
+            checks.extend([SERVICE, "haproxy", action] for action in ("start", "stop", "reload"))
+        else:
+            checks.append([command])
+    return checks
+
+
 def _sudo(command, user):
-    argv = [SUDO, "-n", "-l"] + (["-U", user] if user and os.getuid() == 0 else []) + [command]
+    argv = [SUDO, "-n", "-l"] + (["-U", user] if user and os.getuid() == 0 else []) + command
     try:
         allowed = subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         allowed = False
-    return Check(f"sudo {command}", allowed, "allowed" if allowed else "not allowed without a password",
-                 f"grant it in /etc/sudoers.d/libra-worker (NOPASSWD: {command})")
+    who = user or "this user"
+    text = " ".join(command)
+    return Check(f"sudo {text}", allowed, f"allowed for {who}" if allowed else f"not allowed for {who} without a password",
+                 f"grant it in /etc/sudoers.d/libra-worker (NOPASSWD: {text})")
+
+
+def start_problems(settings, user):
+    """What must stop a daemon from starting (programs, sudo rights), one line each."""
+    haproxy = settings.haproxy
+    checks = [_program("haproxy", haproxy.haproxy, "-v"), _program("socat", haproxy.socat, "-V")]
+    if haproxy.sudo:
+        checks.extend(_sudo(argv, user) for argv in sudo_checks(haproxy))
+    return [f"[worker:haproxy] {check.name}: {check.detail}" for check in checks if not check.ok]
 
 
 def _bind_address(address):
@@ -101,7 +125,7 @@ def run_checks(settings, user=None):
     checks.append(_program("haproxy", haproxy.haproxy, "-v"))
     checks.append(_program("socat", haproxy.socat, "-V"))
     if haproxy.sudo:
-        checks.extend(_sudo(command, user) for command in privileged_commands(haproxy))
+        checks.extend(_sudo(argv, user) for argv in sudo_checks(haproxy))
     if not settings.nodaemon:
         checks.append(_writable_dir("pid file", settings.pid, "--pid"))
     if settings.logfile:

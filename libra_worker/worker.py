@@ -64,8 +64,9 @@ class JobLoop:
             self.in_job = False
         handle = (job.unique or job.handle or b"?").decode("utf-8", "replace")
         reason = f": {result.error}" if result.error else ""
-        LOG.info("job %s %s %s %.3fs%s%s", handle, result.action, result.status,
-                 time.monotonic() - started, reason, sent)
+        note = f" ({result.note})" if result.note else ""
+        LOG.info("job %s %s %s %.3fs%s%s%s", handle, result.action, result.status,
+                 time.monotonic() - started, note, reason, sent)
 
     def _close(self):
         gear_worker, self._gear = self._gear, None

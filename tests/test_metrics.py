@@ -94,7 +94,8 @@ def test_reloads_lose_nothing_and_count_nothing_twice(station, http_backend):
     total += 250 * KB
     _settled(station, 250 * KB)
     middle_pid = station.serving_pid()
-    _serve_http(station, [second_backend], port=port)                      # reload again
+    # A new algorithm cannot change at run time: this UPDATE reloads too.
+    _serve_http(station, [second_backend], port=port, algorithm="LEAST_CONNECTIONS")
     assert station.serving_pid() != middle_pid
 
     requests += download(port, 150 * KB)
@@ -268,7 +269,8 @@ def test_a_download_in_progress_across_a_reload_is_counted(station, http_backend
     size = 300 * KB
     request = SlowRequest(port, size=size, seconds=1.5)
     time.sleep(0.4)
-    _serve_http(station, [http_backend()], port=port)                  # reload mid-download
+    # reload mid-download (a new algorithm cannot change at run time)
+    _serve_http(station, [http_backend()], port=port, algorithm="LEAST_CONNECTIONS")
     assert len(request.finish()) == size
     report = station.metrics()
     assert_http_bytes(report.get("HTTP"), size, 1, "a download across a reload")

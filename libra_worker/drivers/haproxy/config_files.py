@@ -35,9 +35,13 @@ class ConfigStore:
     def exists(self):
         return os.path.exists(self.path)
 
-    def read(self):
-        with open(self.path, "rb") as stream:
-            return stream.read()
+    def holds(self, text):
+        """Is `text` exactly the live configuration?"""
+        try:
+            with open(self.path, "rb") as stream:
+                return stream.read() == text.encode("utf-8")
+        except OSError:
+            return False
 
     def stage(self, text):
         """Write a candidate config into the private temp dir; returns its path."""

@@ -4,17 +4,14 @@ Every step that can fail raises a JobError; update() undoes what it did
 before re-raising, so a FAIL leaves HAProxy serving what it served before.
 """
 import logging
-import os
-import shutil
-import subprocess
 
-from libra_worker.drivers.haproxy import render
-from libra_worker.drivers.haproxy.commands import CP, MV, RM, SERVICE, SUDO, Commands
+from libra_worker.drivers.haproxy import archive, logsink, render
+from libra_worker.drivers.haproxy.commands import CP, MV, RM, SERVICE, Commands
 from libra_worker.drivers.haproxy.config_files import ConfigStore
 from libra_worker.drivers.haproxy.counters import Ledger
 from libra_worker.drivers.haproxy.query import StatsSocket
 from libra_worker.drivers.haproxy.service import make_service
-from libra_worker.errors import CommandFailed, Deleted, JobError, NotSupported, ServiceError
+from libra_worker.errors import CommandFailed, Deleted, JobError, ServiceError
 
 LOG = logging.getLogger(__name__)
 
@@ -35,30 +32,17 @@ class HAProxyDriver:
         self.service = make_service(settings, self.commands, self.stats_socket.pid)
         self.configs = ConfigStore(settings, self.commands)
         self.ledger = Ledger(settings.statsfile)
+        self.applied = None  # the load balancers HAProxy runs, when this worker applied them
+        self.log_sink = logsink.for_settings(settings)  # process mode: HAProxy's log → logfile
 
     # -- start-up ------------------------------------------------------------
-    def preflight(self, user):
-        """Problems that must stop a daemon from starting, one line each."""
-        problems = []
-        for option in ("haproxy", "socat"):
-            path = getattr(self.settings, option)
-            if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-                problems.append(f"[worker:haproxy] {option}: {path} not found or not executable")
-        if self.settings.sudo:
-            for command in privileged_commands(self.settings):
-                if not self._sudo_allows(user, command):
-                    problems.append(f"[worker:haproxy] sudo: 'sudo -n {command}' is not allowed for {user}")
-        return problems
-
-    @staticmethod
-    def _sudo_allows(user, command):
-        argv = [SUDO, "-n", "-l"] + (["-U", user] if os.getuid() == 0 else []) + [command]
-        if not shutil.which(SUDO):
-            return False
-        return subprocess.run(argv, capture_output=True, timeout=10).returncode == 0
-
     def start(self):
         """Adopt a running HAProxy; bring back an active one that is not running."""
+        if self.log_sink is not None:
+            try:
+                self.log_sink.start()
+            except OSError as error:
+                LOG.error("cannot receive HAProxy's log at %s: %s", self.settings.log_target, error)
         if self.service.running():
             LOG.info("adopted the running HAProxy (worker pid %s)", self.service.worker_pid())
         elif self.ledger.lb_state == "ACTIVE" and self.configs.exists():
@@ -71,25 +55,62 @@ class HAProxyDriver:
 
     def close(self):
         """The worker is stopping: HAProxy keeps serving; only our temp files go."""
+        if self.log_sink is not None:
+            self.log_sink.stop()
         self.configs.close()
 
     # -- actions ---------------------------------------------------------------
     def update(self, load_balancers):
-        candidate = self.configs.stage(render.render_config(load_balancers, self.settings))
+        """Apply an UPDATE; returns the path taken: 'unchanged', 'runtime' or 'reload'."""
+        text = render.render_config(load_balancers, self.settings)
+        was_running = self.service.running()
+        if was_running and self.configs.holds(text):
+            how = "unchanged"
+        else:
+            how = self._swap(text, load_balancers, was_running)
+        self.applied = load_balancers
+        if self.ledger.lb_state != "ACTIVE":
+            self.ledger.set_lb_state("ACTIVE")
+        return how
+
+    def _swap(self, text, load_balancers, was_running):
+        """Validate, install, then change HAProxy at run time or reload it; all or nothing."""
+        runtime = render.runtime_commands(self.applied, load_balancers) if was_running else None
+        candidate = self.configs.stage(text)
         try:
             self.configs.validate(candidate)
-            was_running = self.service.running()
-            if was_running:
+            if was_running and runtime is None:
                 self.ledger.carry(self._snapshot_or_none())
             had_live = self.configs.install(candidate)
-            try:
-                self.service.reload() if was_running else self.service.start()
-            except JobError as error:
-                self._roll_back(had_live, was_running)
-                raise CommandFailed(f"{error} (previous configuration restored)") from None
         finally:
             self.configs.discard(candidate)
-        self.ledger.set_lb_state("ACTIVE")
+        if runtime is not None and self._apply_at_runtime(runtime):
+            return "runtime"
+        try:
+            if was_running:
+                if runtime is not None:  # the runtime path gave up half-way
+                    self.ledger.carry(self._snapshot_or_none())
+                self.service.reload()
+            else:
+                self.service.start()
+        except JobError as error:
+            self._roll_back(had_live, was_running)
+            raise CommandFailed(f"{error} (previous configuration restored)") from None
+        return "reload"
+
+    def _apply_at_runtime(self, commands):
+        """Send each runtime command; False (reload instead) at the first refusal."""
+        for command in commands:
+            try:
+                answer = self.stats_socket.ask(command.line)
+            except ServiceError as error:
+                LOG.warning("runtime change %r failed (%s): reloading instead", command.line, error)
+                return False
+            if not command.expect.match(answer):
+                LOG.warning("HAProxy refused %r (%s): reloading instead",
+                            command.line, " ".join(answer.split())[:200])
+                return False
+        return True
 
     def _roll_back(self, had_live, was_running):
         try:
@@ -99,6 +120,7 @@ class HAProxyDriver:
             else:
                 self.service.stop()
         except JobError as error:
+            self.applied = None  # what runs is no longer known for sure
             LOG.error("rolling back the configuration failed too: %s", error)
 
     def suspend(self):
@@ -124,6 +146,7 @@ class HAProxyDriver:
         self.commands.remove(self.settings.logfile)
         self.ledger.reset()
         self.ledger.set_lb_state("DELETED")
+        self.applied = None
 
     def stats(self):
         self._require_not_deleted()
@@ -137,7 +160,7 @@ class HAProxyDriver:
         return self.ledger.report(self._snapshot_or_none())
 
     def archive(self, message):
-        raise NotSupported("ARCHIVE is not supported by this driver yet")
+        archive.archive(message, self.settings, workdir=self.configs.workdir)
 
     # -- helpers ---------------------------------------------------------------
     def _snapshot_or_none(self):

@@ -104,19 +104,24 @@ class StatsSocket:
     def exists(self):
         return os.path.exists(self.path)
 
-    def snapshot(self) -> Snapshot:
-        """Read the socket now; ServiceError when missing, refusing or garbled."""
+    def ask(self, command) -> str:
+        """Send one or more `;`-separated commands; the raw answer, or ServiceError."""
         if not self.exists():
             raise ServiceError(f"HAProxy is not running (no stats socket at {self.path})")
         argv = [self.socat, "-t", SOCAT_LINGER, "stdio", f"unix-connect:{self.path}"]
+        command = command.rstrip("\n") + "\n"
         try:
             if os.access(self.path, os.R_OK | os.W_OK):
-                result = self.commands.run(argv, stdin=QUERY, timeout=QUERY_TIMEOUT)
+                result = self.commands.run(argv, stdin=command, timeout=QUERY_TIMEOUT)
             else:
-                result = self.commands.privileged(argv, stdin=QUERY, timeout=QUERY_TIMEOUT)
+                result = self.commands.privileged(argv, stdin=command, timeout=QUERY_TIMEOUT)
         except CommandFailed as error:
             raise ServiceError(f"HAProxy is not answering on {self.path}: {error}") from None
-        return parse(result.stdout)
+        return result.stdout
+
+    def snapshot(self) -> Snapshot:
+        """Read the socket now; ServiceError when missing, refusing or garbled."""
+        return parse(self.ask(QUERY))
 
     def pid(self) -> Optional[int]:
         """The pid answering the socket, or None."""
