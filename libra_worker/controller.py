@@ -133,9 +133,9 @@ class Controller:
     def do_update(self, message, reply):
         load_balancers = models.parse_update(message)
         how = self.driver.update(load_balancers)
-        for lb_reply in reply["loadBalancers"]:
-            for node in lb_reply["nodes"]:
-                node["condition"] = "ENABLED"
+        for lb_reply, lb in zip(reply["loadBalancers"], load_balancers):
+            for node_reply, node in zip(lb_reply["nodes"], lb.nodes):
+                node_reply["condition"] = "ENABLED" if node.enabled else "DISABLED"
         return how
 
     def do_stats(self, message, reply):

@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 from libra_worker.errors import BadRequest
 
 PROTOCOLS = ("HTTP", "TCP", "GALERA")
+CONDITIONS = ("ENABLED", "DISABLED")
 ALGORITHMS = ("ROUND_ROBIN", "LEAST_CONNECTIONS")
 MONITOR_TYPES = ("CONNECT", "HTTP")
 DEFAULT_HTTP_PORT = 80
@@ -93,6 +94,7 @@ class Node:
     port: int
     weight: int = 1
     backup: bool = False
+    enabled: bool = True  # `condition`: a DISABLED node is configured but takes no traffic
 
     @property
     def is_ipv6(self) -> bool:
@@ -285,7 +287,10 @@ def _parse_node(raw, path, where):
                     f"{path}.port", PORT_RANGE)
     weight = _integer(raw["weight"], f"{path}.weight", WEIGHT_RANGE) if "weight" in raw else 1
     backup = _boolean(raw["backup"], f"{path}.backup") if "backup" in raw else False
-    return Node(id=node_id, address=address, port=port, weight=weight, backup=backup)
+    condition = (_keyword(raw["condition"], f"{path}.condition", CONDITIONS)
+                 if raw.get("condition") is not None else "ENABLED")
+    return Node(id=node_id, address=address, port=port, weight=weight, backup=backup,
+                enabled=condition == "ENABLED")
 
 
 def _parse_load_balancer(raw, path, where):

@@ -104,6 +104,7 @@ def _server(node):
         "port": _number(node.port, "node port"),
         "weight": _number(node.weight, "node weight"),
         "backup": node.backup is True,
+        "enabled": node.enabled is True,
     }
 
 
@@ -179,7 +180,7 @@ def _is_ip(address):
 def runtime_commands(old_lbs, new_lbs):
     """[RuntimeCommand] turning running `old_lbs` into `new_lbs`, or None when only a reload can.
 
-    Node weights and IP addresses change in place; nodes of TCP and GALERA
+    Node weights, conditions and IP addresses change in place; nodes of TCP and GALERA
     load balancers are added and removed as dynamic servers.  HTTP nodes
     carry a persistence cookie, which HAProxy 2.6 refuses on dynamic
     servers, and a node's backup flag cannot change at run time.
@@ -205,12 +206,15 @@ def runtime_commands(old_lbs, new_lbs):
             if was is None:
                 if new.protocol == "HTTP":
                     return None
-                add("add_server", proxy, server)
+                add("add_server", proxy, server)  # dynamic servers start in maintenance
                 add("enable_health", proxy, server)
-                add("set_state", proxy, server, "ready")
+                if server["enabled"]:
+                    add("set_state", proxy, server, "ready")
                 continue
             if was["backup"] != server["backup"]:
                 return None
+            if was["enabled"] != server["enabled"]:
+                add("set_state", proxy, server, "ready" if server["enabled"] else "maint")
             if (was["address"], was["port"]) != (server["address"], server["port"]):
                 if not _is_ip(server["address"]):
                     return None
