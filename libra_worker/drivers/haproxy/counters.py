@@ -8,13 +8,17 @@ frontend, how much of the current generation was already accounted for
 killed at any moment loses nothing it had accounted for.
 
 Generations the worker has seen replaced are `retired`: a late answer from
-one (an old process still draining after a reload) is not counted again.
+one is not counted as the current process.  An old process that keeps
+serving its connections after a reload is `draining`: the driver reads it
+through HAProxy's master CLI until it exits, and drain() adds what it sent
+since its last reading, so no reload loses bytes.
 """
 import datetime
 import json
 import logging
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -41,7 +45,7 @@ class MetricsReport:
 def _fresh():
     return {"version": 1, "lb_state": "NONE", "window_start": utc_now(),
             "carried": {}, "generation": None, "baseline": {}, "expect_new_generation": False,
-            "retired": []}
+            "retired": [], "draining": {}}
 
 
 def _is_time(text):
@@ -66,13 +70,24 @@ def valid_state(state):
             and (state.get("generation") is None or isinstance(state["generation"], str))
             and isinstance(state.get("expect_new_generation", False), bool)
             and isinstance(state.get("retired", []), list)
-            and all(isinstance(g, str) for g in state.get("retired", [])))
+            and all(isinstance(g, str) for g in state.get("retired", []))
+            and isinstance(state.get("draining", {}), dict)
+            and all(_is_counts(counts) for counts in state.get("draining", {}).values()))
+
+
+def _protocol_counts(snapshot):
+    """{protocol: bytes out} of the load balancers' frontends in a reading."""
+    return {PROTOCOL_BY_FRONTEND[name]: count
+            for name, count in snapshot.frontend_bytes_out().items()
+            if name in PROTOCOL_BY_FRONTEND}
 
 
 class Ledger:
     def __init__(self, path):
         self.path = path
         self.state = self._load()
+        # The job loop and the draining reader both account bytes.
+        self.lock = threading.RLock()
 
     # -- persistence --------------------------------------------------------
     def _load(self):
@@ -87,6 +102,7 @@ class Ledger:
             return self._set_aside("not a ledger this worker wrote")
         state.setdefault("expect_new_generation", False)
         state.setdefault("retired", [])
+        state.setdefault("draining", {})
         return state
 
     def _set_aside(self, why):
@@ -134,15 +150,14 @@ class Ledger:
         return self.state["lb_state"]
 
     def set_lb_state(self, lb_state):
-        self.state["lb_state"] = lb_state
-        self.save()
+        with self.lock:
+            self.state["lb_state"] = lb_state
+            self.save()
 
     # -- byte accounting ----------------------------------------------------
     def _unaccounted(self, snapshot):
         """{protocol: bytes of this generation not yet carried or reported}."""
-        counters = {PROTOCOL_BY_FRONTEND[name]: count
-                    for name, count in snapshot.frontend_bytes_out().items()
-                    if name in PROTOCOL_BY_FRONTEND}
+        counters = _protocol_counts(snapshot)
         if snapshot.generation != self.state["generation"]:
             if self.state["generation"] is not None and not self.state["expect_new_generation"]:
                 LOG.warning("HAProxy was restarted behind the worker's back (pid %s, was %s): "
@@ -177,7 +192,15 @@ class Ledger:
         return snapshot
 
     def carry(self, snapshot):
-        """Before the worker resets HAProxy's counters (reload, stop): fold them in."""
+        """Before the worker resets HAProxy's counters (reload, stop): fold them in.
+
+        The process read here may go on serving its open connections after a
+        reload: it is followed as `draining` from these counters on.
+        """
+        with self.lock:
+            self._carry(snapshot)
+
+    def _carry(self, snapshot):
         if (snapshot is None and self.state["generation"] is not None
                 and not self.state["expect_new_generation"]):
             LOG.warning("HAProxy (%s) stopped behind the worker's back: bytes sent since "
@@ -189,11 +212,44 @@ class Ledger:
             for protocol, count in unaccounted.items():
                 carried[protocol] = carried.get(protocol, 0) + count
             self._advance(snapshot, counters)
+            self.state["draining"][snapshot.generation] = dict(self.state["baseline"])
         self.state["expect_new_generation"] = True
         self.save()
 
+    def draining(self):
+        """{generation: counters already accounted} of old processes still to follow."""
+        with self.lock:
+            return dict(self.state["draining"])
+
+    def drain(self, snapshot):
+        """A reading of a draining old process: carry what it sent since the last one."""
+        with self.lock:
+            accounted = self.state["draining"].get(snapshot.generation)
+            if accounted is None:
+                return
+            counters = _protocol_counts(snapshot)
+            grown = {protocol: count - accounted.get(protocol, 0)
+                     for protocol, count in counters.items() if count > accounted.get(protocol, 0)}
+            if not grown:
+                return
+            carried = self.state["carried"]
+            for protocol, count in grown.items():
+                carried[protocol] = carried.get(protocol, 0) + count
+            self.state["draining"][snapshot.generation] = {**accounted, **counters}
+            self.save()
+
+    def drained(self, generation):
+        """The old process exited: nothing more to follow."""
+        with self.lock:
+            if self.state["draining"].pop(generation, None) is not None:
+                self.save()
+
     def report(self, snapshot: Optional[object]) -> MetricsReport:
         """Bytes since the previous report; the window closes now."""
+        with self.lock:
+            return self._report(snapshot)
+
+    def _report(self, snapshot):
         totals = dict(self.state["carried"])
         snapshot = self._current(snapshot)
         if snapshot is not None:
@@ -211,7 +267,8 @@ class Ledger:
 
     def reset(self):
         """DELETE: nothing of the old load balancer is reported again."""
-        lb_state = self.state["lb_state"]
-        self.state = _fresh()
-        self.state["lb_state"] = lb_state
-        self.save()
+        with self.lock:
+            lb_state = self.state["lb_state"]
+            self.state = _fresh()
+            self.state["lb_state"] = lb_state
+            self.save()

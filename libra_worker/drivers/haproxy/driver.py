@@ -3,9 +3,12 @@
 Every step that can fail raises a JobError; update() undoes what it did
 before re-raising, so a FAIL leaves HAProxy serving what it served before.
 """
+import functools
 import logging
+import threading
 
 from libra_worker.drivers.haproxy import archive, logsink, render
+from libra_worker.drivers.haproxy.drain import DrainFollower
 from libra_worker.drivers.haproxy.commands import CP, MV, RM, SERVICE, Commands
 from libra_worker.drivers.haproxy.config_files import ConfigStore
 from libra_worker.drivers.haproxy.counters import Ledger
@@ -24,6 +27,15 @@ def privileged_commands(settings):
     return commands
 
 
+def exclusive(action):
+    """Actions hold `busy`, so the drain follower never reads HAProxy mid-change."""
+    @functools.wraps(action)
+    def locked(self, *args):
+        with self.busy:
+            return action(self, *args)
+    return locked
+
+
 class HAProxyDriver:
     def __init__(self, settings):
         self.settings = settings
@@ -33,6 +45,8 @@ class HAProxyDriver:
         self.configs = ConfigStore(settings, self.commands)
         self.ledger = Ledger(settings.statsfile)
         self.applied = None  # the load balancers HAProxy runs, when this worker applied them
+        self.busy = threading.Lock()
+        self.drain_follower = DrainFollower(self.ledger, self.service, self.busy)
         self.log_sink = logsink.for_settings(settings)  # process mode: HAProxy's log → logfile
 
     # -- start-up ------------------------------------------------------------
@@ -43,6 +57,7 @@ class HAProxyDriver:
                 self.log_sink.start()
             except OSError as error:
                 LOG.error("cannot receive HAProxy's log at %s: %s", self.settings.log_target, error)
+        self.drain_follower.start()
         if self.service.running():
             LOG.info("adopted the running HAProxy (worker pid %s)", self.service.worker_pid())
         elif self.ledger.lb_state == "ACTIVE" and self.configs.exists():
@@ -55,11 +70,13 @@ class HAProxyDriver:
 
     def close(self):
         """The worker is stopping: HAProxy keeps serving; only our temp files go."""
+        self.drain_follower.stop()
         if self.log_sink is not None:
             self.log_sink.stop()
         self.configs.close()
 
     # -- actions ---------------------------------------------------------------
+    @exclusive
     def update(self, load_balancers):
         """Apply an UPDATE; returns the path taken: 'unchanged', 'runtime' or 'reload'."""
         text = render.render_config(load_balancers, self.settings)
@@ -123,6 +140,7 @@ class HAProxyDriver:
             self.applied = None  # what runs is no longer known for sure
             LOG.error("rolling back the configuration failed too: %s", error)
 
+    @exclusive
     def suspend(self):
         self._require_configured("SUSPEND")
         if self.service.running():
@@ -130,6 +148,7 @@ class HAProxyDriver:
             self.service.stop()
         self.ledger.set_lb_state("SUSPENDED")
 
+    @exclusive
     def enable(self):
         self._require_configured("ENABLE")
         if not self.configs.exists():
@@ -139,6 +158,7 @@ class HAProxyDriver:
             self.service.start()
         self.ledger.set_lb_state("ACTIVE")
 
+    @exclusive
     def delete(self):
         if self.service.running():
             self.service.stop()
@@ -155,8 +175,10 @@ class HAProxyDriver:
         return [(server, status) for proxy, server, status in snapshot.server_statuses()
                 if proxy in backends]
 
+    @exclusive
     def metrics(self):
         self._require_not_deleted()
+        self.drain_follower.follow_once()
         return self.ledger.report(self._snapshot_or_none())
 
     def archive(self, message):

@@ -106,6 +106,17 @@ class ProcessService:
         state = self.state()
         return state.current_worker if state else None
 
+    def ask_worker(self, pid, commands):
+        """Commands (`;`-separated) for one worker process, through the master CLI."""
+        line = ";".join(f"@!{pid} {command}" for command in commands.strip().split(";"))
+        try:
+            answer = unix_request(self.settings.master_socket, line)
+        except OSError as error:
+            raise ServiceError(f"cannot reach HAProxy's master socket: {error}") from None
+        if answer.startswith("Can't find the target PID"):
+            raise ServiceError(f"no HAProxy process {pid}")
+        return answer
+
     def start(self):
         if self.running():
             return
@@ -209,6 +220,9 @@ class SystemService:
 
     def worker_pid(self):
         return self.query_pid()
+
+    def ask_worker(self, pid, commands):
+        raise ServiceError("old HAProxy processes cannot be read without a master CLI")
 
     def running(self):
         return self.worker_pid() is not None

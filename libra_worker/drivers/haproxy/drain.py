@@ -1,0 +1,69 @@
+"""Following old HAProxy processes that drain their connections after a reload.
+
+After a reload the old process keeps serving the connections it has until
+they end (at most `hard-stop-after`), and HAProxy adds a connection's bytes
+to its counters only as the connection ends.  The worker read that process
+just before the reload; this reads it again through the master CLI until it
+is gone, and the ledger carries what it sent in the meantime.
+"""
+import logging
+import threading
+
+from libra_worker.drivers.haproxy import query
+from libra_worker.errors import ServiceError
+
+LOG = logging.getLogger(__name__)
+
+FOLLOW_INTERVAL = 0.1
+
+
+class DrainFollower:
+    def __init__(self, ledger, service, busy, interval=FOLLOW_INTERVAL):
+        self.ledger = ledger
+        self.service = service
+        self.busy = busy          # held by the job loop while it changes HAProxy
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="drain follower", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            if not self.ledger.draining():
+                continue
+            # A reload in progress still shows the old process as current: wait for it.
+            if not self.busy.acquire(blocking=False):
+                continue
+            try:
+                self.follow_once()
+            except Exception:  # the follower must outlive any one bad reading
+                LOG.exception("following draining HAProxy processes failed")
+            finally:
+                self.busy.release()
+
+    def follow_once(self):
+        """Read every draining process once; forget those that are gone."""
+        current = self.service.worker_pid()
+        for generation in self.ledger.draining():
+            pid = int(generation.split("@", 1)[0])
+            if pid == current:  # the reload did not replace it: it is counted as current
+                self.ledger.drained(generation)
+                continue
+            try:
+                snapshot = query.parse(self.service.ask_worker(pid, query.QUERY))
+            except ServiceError as error:
+                LOG.debug("HAProxy %s is gone (%s)", generation, error)
+                self.ledger.drained(generation)
+                continue
+            if snapshot.generation != generation:
+                self.ledger.drained(generation)
+            else:
+                self.ledger.drain(snapshot)

@@ -1,0 +1,49 @@
+"""The ledger's accounting of old HAProxy processes still draining after a reload."""
+from libra_worker.drivers.haproxy.counters import Ledger
+from libra_worker.drivers.haproxy.query import Snapshot
+
+
+def reading(pid, http_bytes, started=1000):
+    rows = ({"pxname": "http", "svname": "FRONTEND", "status": "OPEN", "bout": str(http_bytes)},)
+    return Snapshot(pid=pid, started=started, rows=rows)
+
+
+def http_total(report):
+    return dict(report.bytes_out).get("HTTP", 0)
+
+
+def test_bytes_an_old_process_sends_after_the_reload_are_carried_once(tmp_path):
+    ledger = Ledger(str(tmp_path / "stats"))
+    ledger.report(reading(10, 0))
+    ledger.carry(reading(10, 500))                 # just before the reload
+    assert set(ledger.draining()) == {"10@1000"}
+
+    ledger.drain(reading(10, 800))                 # the old process served 300 more
+    ledger.drain(reading(10, 800))                 # read again: nothing new
+    ledger.drain(reading(10, 750))                 # never backwards
+    report = ledger.report(reading(11, 40))        # the new process served 40
+    assert http_total(report) == 500 + 300 + 40
+
+    ledger.drain(reading(10, 900))                 # still draining: 100 more, next window
+    ledger.drained("10@1000")
+    assert ledger.draining() == {}
+    ledger.drain(reading(10, 2000))                # gone: ignored
+    assert http_total(ledger.report(reading(11, 40))) == 100
+
+
+def test_draining_survives_a_worker_restart(tmp_path):
+    path = str(tmp_path / "stats")
+    ledger = Ledger(path)
+    ledger.report(reading(10, 0))
+    ledger.carry(reading(10, 500))
+    restarted = Ledger(path)
+    restarted.drain(reading(10, 650))
+    assert http_total(restarted.report(reading(11, 0))) == 650
+
+
+def test_a_reading_of_another_process_is_not_drained(tmp_path):
+    ledger = Ledger(str(tmp_path / "stats"))
+    ledger.report(reading(10, 0))
+    ledger.carry(reading(10, 500))
+    ledger.drain(reading(10, 9999, started=2000))  # pid reused by a new process
+    assert http_total(ledger.report(reading(11, 0))) == 500
