@@ -297,11 +297,9 @@ def test_packaged_config_has_the_packaged_paths(installed):
 def test_packaged_config_passes_the_driver_start_checks(installed):
     """With the package's sudoers, the packaged config must not be refused at start."""
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "from libra_worker import settings\n"
-            "from libra_worker.drivers import load_driver\n"
-            "driver = load_driver(settings.load(['--config', %r]))\n"
-            "try:\n    print('\\n'.join(driver.preflight('haproxy')))\n"
-            "finally:\n    driver.close()\n" % (VENDOR, CONFIG))
+            "from libra_worker import preflight, settings\n"
+            "loaded = settings.load(['--config', %r])\n"
+            "print('\\n'.join(preflight.start_problems(loaded, 'haproxy')))\n" % (VENDOR, CONFIG))
     problems = run([SYSTEM_PYTHON, "-c", code], cwd="/", env=outside_the_repo_env()).stdout.strip()
     assert problems == "", problems
 
