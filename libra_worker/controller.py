@@ -4,6 +4,7 @@ handle() never raises: whatever bytes arrive, a JSON object goes back.
 """
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,6 +47,13 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not allowed in JSON")
 
 
+def _finite_float(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def decode(payload):
     """bytes → dict, or BadRequest saying why not."""
     if len(payload) > MAX_PAYLOAD_BYTES:
@@ -55,7 +63,7 @@ def decode(payload):
     except UnicodeDecodeError as error:
         raise BadRequest(f"payload is not valid UTF-8: {error.reason} at byte {error.start}") from None
     try:
-        message = json.loads(text, parse_constant=_reject_constant)
+        message = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise BadRequest("payload is not valid JSON: nested too deeply") from None
     except ValueError as error:
@@ -88,8 +96,9 @@ class Controller:
             message = decode(payload)
             reply = masked(message)
             LOG.debug("request: %s", json.dumps(reply))
-            action = self._action(message)
-            self._known(action)
+            requested = self._action(message)
+            self._known(requested)
+            action = requested
             note = self.handlers[action](message, reply)
             reply["hpcs_response"] = "PASS"
             result = JobResult(reply, action, note=note)

@@ -10,6 +10,11 @@ from libra_worker import gearman
 LOG = logging.getLogger(__name__)
 
 
+def _printable(text, limit=80):
+    """Log-safe: control, format and non-ASCII characters escaped, length capped."""
+    return text.encode("unicode_escape").decode("ascii")[:limit]
+
+
 class JobLoop:
     """Registers `settings.name` and feeds each job to the controller.
 
@@ -53,16 +58,19 @@ class JobLoop:
     def _serve(self, job):
         started = time.monotonic()
         self.in_job = True
+        link = job.connection.conn  # gear reconnects in place: a new socket is a new job server
         try:
             result = self.controller.handle(job.arguments)
             try:
+                if job.connection.conn is not link:
+                    raise ConnectionError("the job server restarted during the job")
                 job.sendWorkComplete(result.reply_bytes)
                 sent = ""
             except Exception as error:  # the job server went away; gearmand re-queues the job
                 sent = f" (reply not delivered: {error})"
         finally:
             self.in_job = False
-        handle = (job.unique or job.handle or b"?").decode("utf-8", "replace")
+        handle = _printable((job.unique or job.handle or b"?").decode("utf-8", "replace"))
         reason = f": {result.error}" if result.error else ""
         note = f" ({result.note})" if result.note else ""
         LOG.info("job %s %s %s %.3fs%s%s%s", handle, result.action, result.status,

@@ -59,33 +59,40 @@ def worker(tmp_path, gearmand):
         process.stop()
 
 
-@pytest.fixture
-def http_backend():
-    """Factory: http_backend(name="backend-N", port=None) → a started HttpBackend."""
+def _backend_factory(kind, prefix):
+    """A factory fixture body: start(name=None, port=None) → a started back-end of `kind`."""
     started = []
     numbers = itertools.count(1)
 
     def start(name=None, port=None):
-        backend = HttpBackend(name or f"backend-{next(numbers)}", port).start()
+        backend = kind(name or f"{prefix}-{next(numbers)}", port).start()
         started.append(backend)
         return backend
 
     yield start
     for backend in started:
         backend.stop()
+
+
+@pytest.fixture
+def http_backend():
+    """Factory: http_backend(name="backend-N", port=None) → a started HttpBackend."""
+    yield from _backend_factory(HttpBackend, "backend")
 
 
 @pytest.fixture
 def tcp_backend():
     """Factory: tcp_backend(name="tcp-N", port=None) → a started TcpEchoBackend."""
-    started = []
-    numbers = itertools.count(1)
+    yield from _backend_factory(TcpEchoBackend, "tcp")
 
-    def start(name=None, port=None):
-        backend = TcpEchoBackend(name or f"tcp-{next(numbers)}", port).start()
-        started.append(backend)
-        return backend
 
-    yield start
-    for backend in started:
-        backend.stop()
+@pytest.fixture
+def device(tmp_path):
+    """A gearmand + libra_worker (sudo = true) + client in tmp_path; HAProxy stopped after."""
+    from support.traffic import Device
+    dev = Device(tmp_path)
+    try:
+        dev.start()
+        yield dev
+    finally:
+        dev.stop()

@@ -7,7 +7,7 @@ import pytest
 
 from support.backends import HttpBackend
 from support.ports import free_port
-from support.traffic import (Device, backend_counts, http_get, lb, master_pid_from_socket, node,
+from support.traffic import (backend_counts, http_get, lb, master_pid_from_socket, node,
                              refuses, update)
 
 NAMES = ("life-a", "life-b")
@@ -19,16 +19,6 @@ def web():
     yield started
     for backend in started:
         backend.stop()
-
-
-@pytest.fixture
-def device(tmp_path):
-    dev = Device(tmp_path)
-    try:
-        dev.start()
-        yield dev
-    finally:
-        dev.stop()
 
 
 def _serving(device, web):

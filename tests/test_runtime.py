@@ -8,36 +8,9 @@ it would run, so the next reload changes nothing.
 import collections
 import re
 
-import pytest
-
-from support.backends import HttpBackend, TcpEchoBackend
 from support.ports import free_port
-from support.traffic import (FAST_CONNECT_MONITOR, Device, backend_counts, lb, node, tcp_banner,
-                             unix_command, update, wait_until)
-
-
-@pytest.fixture
-def device(tmp_path):
-    dev = Device(tmp_path)
-    try:
-        dev.start()
-        yield dev
-    finally:
-        dev.stop()
-
-
-@pytest.fixture
-def backends():
-    started = []
-
-    def start(kind, *names):
-        made = [kind(name).start() for name in names]
-        started.extend(made)
-        return made
-
-    yield start
-    for backend in started:
-        backend.stop()
+from support.traffic import (FAST_CONNECT_MONITOR, backend_counts, lb, node, tcp_banner, unix_command,
+                             update, wait_until)
 
 
 def proc_state(device):
@@ -66,8 +39,8 @@ def last_update_path(device):
     return re.search(r"\((unchanged|runtime|reload)\)", lines[-1]).group(1)
 
 
-def test_weight_change_needs_no_reload(device, backends):
-    first, second = backends(HttpBackend, "w-a", "w-b")
+def test_weight_change_needs_no_reload(device, http_backend, tcp_backend):
+    first, second = http_backend("w-a"), http_backend("w-b")
     port = free_port()
     nodes = [node("a", first), node("b", second)]
     device.must_pass(update(lb("HTTP", port, nodes, monitor=FAST_CONNECT_MONITOR)))
@@ -87,8 +60,8 @@ def test_weight_change_needs_no_reload(device, backends):
     assert re.search(rb"server b \S+ weight 3 ", device.config_bytes())
 
 
-def test_identical_update_changes_nothing(device, backends):
-    (only,) = backends(HttpBackend, "same")
+def test_identical_update_changes_nothing(device, http_backend, tcp_backend):
+    only = http_backend("same")
     port = free_port()
     message = update(lb("HTTP", port, [node("n1", only)]))
     device.must_pass(message)
@@ -104,8 +77,8 @@ def test_identical_update_changes_nothing(device, backends):
     assert reply["loadBalancers"][0]["nodes"][0]["condition"] == "ENABLED"
 
 
-def test_node_disabled_then_enabled_at_run_time(device, backends):
-    first, second = backends(HttpBackend, "d-a", "d-b")
+def test_node_disabled_then_enabled_at_run_time(device, http_backend, tcp_backend):
+    first, second = http_backend("d-a"), http_backend("d-b")
     port = free_port()
     nodes = [node("a", first), node("b", second)]
     device.must_pass(update(lb("HTTP", port, nodes)))
@@ -126,8 +99,8 @@ def test_node_disabled_then_enabled_at_run_time(device, backends):
     assert proc_state(device) == before
 
 
-def test_tcp_node_added_and_removed_without_reload(device, backends):
-    first, second = backends(TcpEchoBackend, "t-a", "t-b")
+def test_tcp_node_added_and_removed_without_reload(device, http_backend, tcp_backend):
+    first, second = tcp_backend("t-a"), tcp_backend("t-b")
     port = free_port()
     device.must_pass(update(lb("TCP", port, [node("a", first)], monitor=FAST_CONNECT_MONITOR)))
     before = proc_state(device)
@@ -147,8 +120,8 @@ def test_tcp_node_added_and_removed_without_reload(device, backends):
     assert b"server a " not in device.config_bytes()
 
 
-def test_address_change_moves_traffic_without_reload(device, backends):
-    old, new = backends(HttpBackend, "addr-old", "addr-new")
+def test_address_change_moves_traffic_without_reload(device, http_backend, tcp_backend):
+    old, new = http_backend("addr-old"), http_backend("addr-new")
     port = free_port()
     device.must_pass(update(lb("HTTP", port, [node("n", old)])))
     before = proc_state(device)
@@ -160,9 +133,9 @@ def test_address_change_moves_traffic_without_reload(device, backends):
     assert proc_state(device) == before
 
 
-def test_what_the_runtime_api_cannot_do_reloads(device, backends):
+def test_what_the_runtime_api_cannot_do_reloads(device, http_backend, tcp_backend):
     """A new HTTP node carries a cookie, which HAProxy 2.6 refuses on a dynamic server."""
-    first, second = backends(HttpBackend, "r-a", "r-b")
+    first, second = http_backend("r-a"), http_backend("r-b")
     port = free_port()
     device.must_pass(update(lb("HTTP", port, [node("a", first)])))
     pid, reloads = proc_state(device)
@@ -174,9 +147,9 @@ def test_what_the_runtime_api_cannot_do_reloads(device, backends):
     assert set(backend_counts(port, 20)) == {"r-a", "r-b"}
 
 
-def test_a_refused_runtime_command_falls_back_to_a_reload(device, backends):
+def test_a_refused_runtime_command_falls_back_to_a_reload(device, http_backend, tcp_backend):
     """Someone deleted a server behind the worker's back: `set server` fails, the reload fixes it."""
-    first, second = backends(TcpEchoBackend, "f-a", "f-b")
+    first, second = tcp_backend("f-a"), tcp_backend("f-b")
     port = free_port()
     device.must_pass(update(lb("TCP", port, [node("a", first), node("b", second)])))
     unix_command(device.stats_socket, "set server tcp_servers/b state maint")

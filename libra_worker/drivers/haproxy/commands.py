@@ -76,5 +76,9 @@ class Commands:
     def remove(self, *paths):
         self.privileged([RM, "-f", "--", *paths])
 
+    def remove_quietly(self, *paths):
+        """rm -f for clean-up after a failure: its own failure would hide the first one."""
+        self.privileged([RM, "-f", "--", *paths], check=False)
+
     def service(self, name, action):
         self.privileged([SERVICE, name, action])

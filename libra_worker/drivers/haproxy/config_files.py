@@ -71,10 +71,18 @@ class ConfigStore:
         """Back up the live file, then rename the candidate into place. True if there was one."""
         had_live = self.exists()
         if had_live:
-            self.commands.copy(self.path, self.backup_path)
-        self.commands.copy(candidate, self.staging_path)
+            self._copy_whole(self.path, self.backup_path)
+        self._copy_whole(candidate, self.staging_path)
         self.commands.move(self.staging_path, self.path)
         return had_live
+
+    def _copy_whole(self, source, target):
+        """cp, or no target at all: a cp that fails (disk full) leaves a truncated file."""
+        try:
+            self.commands.copy(source, target)
+        except CommandFailed:
+            self.commands.remove_quietly(target)
+            raise
 
     def restore(self, had_live):
         """Put back what install() replaced (or remove the file it created)."""

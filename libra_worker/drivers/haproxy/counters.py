@@ -118,7 +118,10 @@ class Ledger:
         except OSError as error:
             LOG.error("statsfile %s is %s and could not be moved aside (%s): counting afresh",
                       self.path, why, error.strerror)
-        return _fresh()
+        state = _fresh()
+        # What HAProxy counted so far may have been reported already: count from the next reading.
+        state["baseline_next_reading"] = True
+        return state
 
     def save(self):
         """Atomic write: temp file in the same directory, fsync, rename."""
@@ -158,7 +161,9 @@ class Ledger:
     def _unaccounted(self, snapshot):
         """{protocol: bytes of this generation not yet carried or reported}."""
         counters = _protocol_counts(snapshot)
-        if snapshot.generation != self.state["generation"]:
+        if self.state.get("baseline_next_reading"):
+            baseline = counters
+        elif snapshot.generation != self.state["generation"]:
             if self.state["generation"] is not None and not self.state["expect_new_generation"]:
                 LOG.warning("HAProxy was restarted behind the worker's back (pid %s, was %s): "
                             "bytes sent since the last reading cannot be counted",
@@ -182,6 +187,7 @@ class Ledger:
         self.state["generation"] = snapshot.generation
         self.state["baseline"] = counters
         self.state["expect_new_generation"] = False
+        self.state.pop("baseline_next_reading", None)
 
     def _current(self, snapshot):
         """The snapshot, or None when it comes from a generation already replaced."""

@@ -17,6 +17,7 @@ from libra_worker.drivers.haproxy.service import make_service
 from libra_worker.errors import CommandFailed, Deleted, JobError, ServiceError
 
 LOG = logging.getLogger(__name__)
+MAX_RUNTIME_COMMANDS = 100
 
 
 def privileged_commands(settings):
@@ -81,7 +82,9 @@ class HAProxyDriver:
         """Apply an UPDATE; returns the path taken: 'unchanged', 'runtime' or 'reload'."""
         text = render.render_config(load_balancers, self.settings)
         was_running = self.service.running()
-        if was_running and self.configs.holds(text):
+        # Only what this worker applied is known to run: after a restart (or a worker
+        # killed between the swap and the reload) the file can be ahead of HAProxy.
+        if was_running and self.applied is not None and self.configs.holds(text):
             how = "unchanged"
         else:
             how = self._swap(text, load_balancers, was_running)
@@ -93,6 +96,8 @@ class HAProxyDriver:
     def _swap(self, text, load_balancers, was_running):
         """Validate, install, then change HAProxy at run time or reload it; all or nothing."""
         runtime = render.runtime_commands(self.applied, load_balancers) if was_running else None
+        if runtime is not None and len(runtime) > MAX_RUNTIME_COMMANDS:
+            runtime = None  # a socat round trip each: past a few dozen, one reload is faster
         candidate = self.configs.stage(text)
         try:
             self.configs.validate(candidate)
