@@ -95,7 +95,8 @@ class Controller:
         try:
             message = decode(payload)
             reply = masked(message)
-            LOG.debug("request: %s", json.dumps(reply))
+            if LOG.isEnabledFor(logging.DEBUG):
+                LOG.debug("request: %s", json.dumps(reply))
             requested = self._action(message)
             self._known(requested)
             action = requested
@@ -112,7 +113,8 @@ class Controller:
         except Exception as error:  # a bug must cost one FAIL, never the worker
             LOG.exception("%s crashed", action)
             result = self._fail(reply, action, f"internal error: {type(error).__name__}: {error}")
-        LOG.debug("reply: %s", json.dumps(result.reply))
+        if LOG.isEnabledFor(logging.DEBUG):
+            LOG.debug("reply: %s", json.dumps(result.reply))
         return result
 
     @staticmethod

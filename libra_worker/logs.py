@@ -8,7 +8,8 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SYSLOG_FORMAT = "libra_worker[%(process)d]: %(levelname)s %(name)s: %(message)s"
 # Libraries that log every packet or header: warnings only, whatever --debug says.
 QUIET_LOGGERS = ("gear", "swiftclient", "urllib3")
-_TOKEN = re.compile(r'("?hpcs_object_store_token"?\s*[:=]\s*)("(?:[^"\\]|\\.)*"|\'[^\']*\'|[^\s,}]+)')
+# The token as a JSON or Python-repr value: "hpcs_object_store_token": "..." or '...': '...'.
+_TOKEN = re.compile(r"""(["']hpcs_object_store_token["']\s*:\s*)("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')""")
 
 
 class SecretFilter(logging.Filter):
