@@ -351,7 +351,7 @@ def test_save_failure_is_logged_not_raised(tmp_path, caplog):
     blocker.write_text("")
     ledger = Ledger(str(blocker / "haproxy.stats"))   # its directory is a file
     with caplog.at_level(logging.ERROR):
-        assert bytes_of(ledger.report(snap(10, http=5))) == {"HTTP": 5}
+        assert bytes_of(ledger.report(snap(10, http=5))) == {"HTTP": 0}  # unreadable: from here on
     assert "cannot write statsfile" in caplog.text
     assert bytes_of(ledger.report(snap(10, http=8))) == {"HTTP": 3}
 
@@ -372,6 +372,7 @@ CORRUPT = [
 
 @pytest.mark.parametrize("content", CORRUPT, ids=range(len(CORRUPT)))
 def test_a_corrupt_statsfile_is_moved_aside_and_counting_starts_afresh(statsfile, content, caplog):
+    """Afresh from the next reading of the process already running; a new process counts whole."""
     os.makedirs(os.path.dirname(statsfile))
     with open(statsfile, "wb") as stream:
         stream.write(content)
@@ -383,7 +384,9 @@ def test_a_corrupt_statsfile_is_moved_aside_and_counting_starts_afresh(statsfile
         assert stream.read() == content
     assert statsfile in caplog.text and "moved to" in caplog.text
     assert ledger.lb_state == "NONE"
-    assert bytes_of(ledger.report(snap(10, http=11))) == {"HTTP": 11}
+    # What the running HAProxy counted may have been reported already: never bill it twice.
+    assert bytes_of(ledger.report(snap(10, http=11))) == {"HTTP": 0}
+    assert bytes_of(ledger.report(snap(10, http=20))) == {"HTTP": 9}
 
 
 def test_two_corrupt_statsfiles_in_one_second_are_both_kept(statsfile):
@@ -409,3 +412,12 @@ def test_a_ledger_written_before_retired_generations_still_loads(statsfile):
     ledger = Ledger(statsfile)
     assert os.listdir(os.path.dirname(statsfile)) == ["haproxy.stats"]
     assert bytes_of(ledger.report(snap(10, http=130))) == {"HTTP": 42}
+
+
+def test_after_a_corrupt_statsfile_a_process_started_afresh_counts_whole(statsfile):
+    os.makedirs(os.path.dirname(statsfile))
+    with open(statsfile, "wb") as stream:
+        stream.write(b"garbage")
+    ledger = Ledger(statsfile)
+    ledger.carry(None)                      # the worker starts HAProxy itself
+    assert bytes_of(ledger.report(snap(10, http=11))) == {"HTTP": 11}

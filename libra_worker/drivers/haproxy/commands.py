@@ -59,6 +59,17 @@ class Commands:
         except OSError as error:
             raise CommandFailed(f"cannot start {argv[0]}: {error}") from None
 
+    def open_pipe(self, argv, privileged=False):
+        """Start a command to talk to through its stdin and stdout (binary, unbuffered)."""
+        if privileged:
+            self.privileged_log.append(list(argv))
+            argv = [SUDO, "-n", *argv] if self.sudo else list(argv)
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, close_fds=True, bufsize=0)
+        except OSError as error:
+            raise CommandFailed(f"cannot start {argv[0]}: {error}") from None
+
     def privileged(self, argv, stdin=None, timeout=None, check=True):
         """Run an absolute-path command as root (through `sudo -n` when configured)."""
         self.privileged_log.append(list(argv))

@@ -207,6 +207,9 @@ class Ledger:
             self._carry(snapshot)
 
     def _carry(self, snapshot):
+        if snapshot is None:
+            # No process runs now: the next one counts from zero, all of it new.
+            self.state.pop("baseline_next_reading", None)
         if (snapshot is None and self.state["generation"] is not None
                 and not self.state["expect_new_generation"]):
             LOG.warning("HAProxy (%s) stopped behind the worker's back: bytes sent since "

@@ -3,8 +3,14 @@
 After a reload the old process keeps serving the connections it has until
 they end (at most `hard-stop-after`), and HAProxy adds a connection's bytes
 to its counters only as the connection ends.  The worker read that process
-just before the reload; this reads it again through the master CLI until it
-is gone, and the ledger carries what it sent in the meantime.
+just before the reload; this reads it again until it is gone, and the
+ledger carries what it sent in the meantime.
+
+The reading is exact when the driver could open a stats session before the
+reload (`held`): the old process cannot exit while that session is open, so
+its last reading comes after its last client connection ended, and only then
+is the session closed.  Otherwise the master CLI is asked, for as long as the
+process lives.
 """
 import logging
 import threading
@@ -25,6 +31,7 @@ class DrainFollower:
         self.interval = interval
         self._stop = threading.Event()
         self._thread = None
+        self.held = {}  # generation → HeldSession keeping that old process alive
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name="drain follower", daemon=True)
@@ -34,6 +41,22 @@ class DrainFollower:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        with self.busy:
+            for session in self.held.values():
+                session.close()
+            self.held.clear()
+
+    def hold(self, session):
+        """Follow the old process `session` is attached to through it (called after a reload)."""
+        try:
+            generation = session.snapshot().generation
+        except ServiceError:
+            session.close()
+            return
+        if generation in self.ledger.draining() and generation not in self.held:
+            self.held[generation] = session
+        else:
+            session.close()
 
     def _run(self):
         while not self._stop.wait(self.interval):
@@ -51,8 +74,12 @@ class DrainFollower:
 
     def follow_once(self):
         """Read every draining process once; forget those that are gone."""
+        for generation, session in list(self.held.items()):
+            self._follow_held(generation, session)
         current = self.service.worker_pid()
         for generation in self.ledger.draining():
+            if generation in self.held:
+                continue
             pid = int(generation.split("@", 1)[0])
             if pid == current:  # the reload did not replace it: it is counted as current
                 self.ledger.drained(generation)
@@ -67,3 +94,18 @@ class DrainFollower:
                 self.ledger.drained(generation)
             else:
                 self.ledger.drain(snapshot)
+
+    def _follow_held(self, generation, session):
+        try:
+            snapshot = session.snapshot()
+        except ServiceError as error:  # hard-stop-after ended it, or HAProxy was killed
+            LOG.info("lost the held session to HAProxy %s: %s", generation, error)
+            snapshot = None
+        if snapshot is not None and snapshot.generation == generation:
+            self.ledger.drain(snapshot)
+            if snapshot.connections > 0:
+                return
+        # Its last client connection is counted: let it exit.
+        session.close()
+        del self.held[generation]
+        self.ledger.drained(generation)

@@ -112,13 +112,26 @@ class HAProxyDriver:
             if was_running:
                 if runtime is not None:  # the runtime path gave up half-way
                     self.ledger.carry(self._snapshot_or_none())
-                self.service.reload()
+                self._reload_holding_the_old_process()
             else:
+                self.ledger.carry(None)
                 self.service.start()
         except JobError as error:
             self._roll_back(had_live, was_running)
             raise CommandFailed(f"{error} (previous configuration restored)") from None
         return "reload"
+
+    def _reload_holding_the_old_process(self):
+        """Reload with a stats session open on the old process, so its last bytes are read."""
+        held = self.stats_socket.hold()
+        try:
+            self.service.reload()
+        except JobError:
+            if held is not None:
+                held.close()
+            raise
+        if held is not None:
+            self.drain_follower.hold(held)
 
     def _apply_at_runtime(self, commands):
         """Send each runtime command; False (reload instead) at the first refusal."""

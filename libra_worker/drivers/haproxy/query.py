@@ -4,11 +4,16 @@ The CSV is parsed by its header names, never by column numbers, so HAProxy
 versions that add columns keep working.
 """
 import csv
+import logging
 import os
+import select
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from libra_worker.errors import CommandFailed, ServiceError
+
+LOG = logging.getLogger(__name__)
 
 QUERY = "show info;show stat\n"
 # socat stops reading this long after it sent QUERY (its default, 0.5 s, cuts
@@ -30,6 +35,7 @@ class Snapshot:
     pid: int
     started: int  # the process's start time (epoch seconds): with pid, names a counter generation
     rows: Tuple[Dict[str, str], ...]
+    connections: int = 0  # client connections the process still serves (CurrConns)
 
     @property
     def generation(self):
@@ -88,7 +94,11 @@ def parse(text) -> Snapshot:
         # reading (and now - uptime jitters by a second), so it cannot name a
         # generation: the pid alone does.
         started = 0
-    return Snapshot(pid=pid, started=started, rows=tuple(rows))
+    try:
+        connections = int(fields.get("CurrConns", "0") or 0)
+    except ValueError:
+        connections = 0
+    return Snapshot(pid=pid, started=started, rows=tuple(rows), connections=connections)
 
 
 def _excerpt(text):
@@ -123,9 +133,77 @@ class StatsSocket:
         """Read the socket now; ServiceError when missing, refusing or garbled."""
         return parse(self.ask(QUERY))
 
+    def hold(self):
+        """A HeldSession on the process serving now, or None when none can be opened."""
+        argv = [self.socat, "stdio", f"unix-connect:{self.path}"]
+        privileged = not os.access(self.path, os.R_OK | os.W_OK)
+        try:
+            session = HeldSession(self.commands.open_pipe(argv, privileged=privileged))
+            session.ask("prompt")
+        except (CommandFailed, ServiceError) as error:
+            LOG.info("cannot hold a stats session across the reload: %s", error)
+            return None
+        return session
+
     def pid(self) -> Optional[int]:
         """The pid answering the socket, or None."""
         try:
             return self.snapshot().pid
         except ServiceError:
             return None
+
+
+PROMPT = b"\n> "
+
+
+class HeldSession:
+    """An interactive session on the stats socket, kept open across a reload.
+
+    An old HAProxy process stays alive while a CLI session to it is open, so
+    its counters can still be read after its last client connection ended;
+    closing the session lets it exit.
+    """
+
+    def __init__(self, process):
+        self.process = process
+        self.pending = b""
+
+    def ask(self, command, timeout=5.0):
+        """One command → its answer (without the prompt); ServiceError when the session is gone."""
+        try:
+            self.process.stdin.write(command.encode() + b"\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError) as error:
+            raise ServiceError(f"the held stats session is closed: {error}") from None
+        deadline = time.monotonic() + timeout
+        fd = self.process.stdout.fileno()
+        answers = []
+        for _ in command.split(";"):  # interactive mode prompts after each command
+            while PROMPT not in self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([fd], [], [], left)[0]:
+                    raise ServiceError("the held stats session did not answer")
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise ServiceError("the held stats session was closed by HAProxy")
+                self.pending += chunk
+            answer, _, self.pending = self.pending.partition(PROMPT)
+            answers.append(answer.decode("utf-8", "replace"))
+        # Joined as the non-interactive CLI separates answers: by an empty line.
+        return "\n".join(answers)
+
+    def snapshot(self):
+        """A reading of the process this session is attached to."""
+        return parse(self.ask(QUERY.strip()) + "\n")
+
+    def close(self):
+        for stream in (self.process.stdin, self.process.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=2)
+        except Exception:  # socat ignores a closed stdin only if stuck: make sure it goes
+            self.process.kill()
+            self.process.wait()
