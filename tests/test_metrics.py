@@ -271,3 +271,22 @@ def test_a_download_in_progress_across_a_reload_is_counted(station, http_backend
     assert len(request.finish()) == size
     report = station.metrics()
     assert_http_bytes(report.get("HTTP"), size, 1, "a download across a reload")
+
+
+def test_a_50_mb_download_across_three_reloads_is_counted_exactly(station, http_backend):
+    """Issue 9: the old process serving a long download is read until that download ends."""
+    station.start()
+    port = _serve_http(station, [http_backend()])
+    station.metrics()
+    size = 50 * 1000 * 1000
+    request = SlowRequest(port, size=size, seconds=4)
+    algorithms = ["LEAST_CONNECTIONS", "ROUND_ROBIN", "LEAST_CONNECTIONS"]
+    serving = set()
+    for algorithm in algorithms:                    # each one a real reload
+        time.sleep(0.5)
+        _serve_http(station, [http_backend()], port=port, algorithm=algorithm)
+        serving.add(station.serving_pid())
+    assert len(serving) == 3, "the three UPDATEs did not each start a new HAProxy process"
+    assert len(request.finish()) == size
+    report = station.metrics()
+    assert_http_bytes(report.get("HTTP"), size, 1, "a 50 MB download across three reloads")
