@@ -391,7 +391,7 @@ class TemplateOracle:
             r"frontend (?:http|tcp|galera)",
             r"    mode (?:http|tcp)",
             rf"    bind {bind}:{_PORT}",
-            r"    option (?:httplog|forwardfor|tcplog)",
+            r"    option (?:httplog|forwardfor|idle-close-on-response|tcplog)",
             rf"    timeout client {_NUM}",
             r"    default_backend (?:http|tcp|galera)_servers",
             r"backend (?:http|tcp|galera)_servers",
