@@ -48,6 +48,7 @@ INIT_SCRIPT = "/etc/init.d/libra-worker"
 SUDOERS = "/etc/sudoers.d/libra-worker"
 CONFIG = "/etc/libra/libra.cfg"
 LOGROTATE = "/etc/logrotate.d/libra-worker"
+RSYSLOG = "/etc/rsyslog.d/48-libra-haproxy.conf"
 DEFAULTS = "/etc/default/libra-worker"
 VENDOR = "/usr/share/libra-worker/vendor"
 PIDFILE = "/run/libra/libra_worker.pid"
@@ -146,6 +147,7 @@ def test_deb_lists_the_files_a_device_needs(deb_listing):
         INIT_SCRIPT: "-rwxr-xr-x",
         SUDOERS: "-r--r-----",
         LOGROTATE: "-rw-r--r--",
+        RSYSLOG: "-rw-r--r--",
         "/var/log/libra": "drwxr-xr-x",
         "/var/lib/libra": "drwxr-xr-x",
         f"{VENDOR}/gear/__init__.py": None,
@@ -169,7 +171,7 @@ def test_deb_lists_the_files_a_device_needs(deb_listing):
 def test_deb_conffiles_and_depends(deb, tmp_path):
     run(["dpkg-deb", "-e", str(deb), str(tmp_path / "control")])
     conffiles = (tmp_path / "control" / "conffiles").read_text().split()
-    for path in (CONFIG, SUDOERS, LOGROTATE, INIT_SCRIPT):
+    for path in (CONFIG, SUDOERS, LOGROTATE, INIT_SCRIPT, RSYSLOG):
         assert path in conffiles
     depends = run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
     names = {re.split(r"[\s(]", item.strip())[0] for item in depends.split(",")}
@@ -420,3 +422,14 @@ def test_init_script_reports_why_the_worker_cannot_start(init_script_config):
     assert str(root / "no-haproxy") in result.stdout + result.stderr
     assert not os.path.exists(PIDFILE)
 
+
+
+@needs_package
+def test_rsyslog_accepts_the_haproxy_log_rule(installed):
+    """ARCHIVE reads /var/log/haproxy.log as haproxy: the rule makes it group haproxy."""
+    text = Path(RSYSLOG).read_text()
+    assert 'fileGroup="haproxy"' in text and "/var/log/haproxy.log" in text
+    if shutil.which("rsyslogd") is None:
+        pytest.skip("RSYSLOGD NOT FOUND: the rule was not validated (apt-get install rsyslog)")
+    result = run(["rsyslogd", "-N1"], check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
