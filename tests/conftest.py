@@ -96,3 +96,14 @@ def device(tmp_path):
         yield dev
     finally:
         dev.stop()
+
+
+@pytest.fixture
+def station(tmp_path, gearmand, gear_client):
+    """A metrics_helpers.Station: a worker (sudo = true) whose statsfile and HAProxy outlive it."""
+    from support.metrics_helpers import Station
+    device = Station(tmp_path / "device", gearmand, gear_client)
+    try:
+        yield device
+    finally:
+        device.stop()

@@ -9,25 +9,13 @@ import os
 import stat
 import time
 
-import pytest
-
-from support.metrics_helpers import (HEADER_SLACK, Station, assert_http_bytes, download, echo,
-                                     wait_counted)
+from support.metrics_helpers import HEADER_SLACK, assert_http_bytes, download, echo, wait_counted
 from support.ports import free_port
 from support.traffic import SlowRequest, lb, node, unix_command, update, wait_until
 
 MONITOR = {"type": "CONNECT", "delay": 1, "timeout": 1, "attempts": 1}
 KB = 1000
 BEHIND = "behind the worker's back"
-
-
-@pytest.fixture
-def station(tmp_path, gearmand, gear_client):
-    device = Station(tmp_path / "device", gearmand, gear_client)
-    try:
-        yield device
-    finally:
-        device.stop()
 
 
 def _serve_http(station, backends, port=None, **lb_fields):

@@ -4,9 +4,7 @@ was deleted, and a stats socket that answers nonsense.
 """
 import time
 
-import pytest
-
-from support.metrics_helpers import FakeStatsSocket, Station, assert_http_bytes, download
+from support.metrics_helpers import FakeStatsSocket, assert_http_bytes, download
 from support.ports import free_port
 from support.traffic import lb, node, update
 
@@ -15,15 +13,6 @@ HTTP_MONITOR = {"type": "HTTP", "delay": 1, "timeout": 1, "attempts": 2, "path":
 CONNECT_MONITOR = {"type": "CONNECT", "delay": 1, "timeout": 1, "attempts": 2}
 # delay x attempts, plus slack for a machine shared with other test runs
 FLIP_DEADLINE = 1 * 2 + 6.0
-
-
-@pytest.fixture
-def station(tmp_path, gearmand, gear_client):
-    device = Station(tmp_path / "device", gearmand, gear_client)
-    try:
-        yield device
-    finally:
-        device.stop()
 
 
 def _wait_statuses(station, expected, steady=(), timeout=FLIP_DEADLINE):
