@@ -1,4 +1,5 @@
 """The job loop: take one job at a time from Gearman, always send a reply."""
+import ctypes
 import logging
 import threading
 import time
@@ -8,6 +9,17 @@ import gear
 from libra_worker import gearman
 
 LOG = logging.getLogger(__name__)
+
+try:  # glibc keeps the pages a large job freed; malloc_trim() hands them back
+    _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+except (OSError, AttributeError):
+    _MALLOC_TRIM = None
+
+
+def release_memory():
+    """After a job: give back what a large UPDATE or STATS freed (a few µs when nothing was)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _printable(text, limit=80):
@@ -70,6 +82,7 @@ class JobLoop:
                 sent = f" (reply not delivered: {error})"
         finally:
             self.in_job = False
+            release_memory()
         handle = _printable((job.unique or job.handle or b"?").decode("utf-8", "replace"))
         reason = f": {result.error}" if result.error else ""
         note = f" ({result.note})" if result.note else ""

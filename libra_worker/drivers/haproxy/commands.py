@@ -4,6 +4,7 @@ Commands that need root go through `privileged()`, which prefixes
 `sudo -n` when `[worker:haproxy] sudo = true`.  Every privileged command
 uses an absolute path, so the sudoers file can list exactly these.
 """
+import collections
 import logging
 import os
 import subprocess
@@ -30,7 +31,8 @@ class Commands:
     def __init__(self, sudo, timeout=DEFAULT_TIMEOUT):
         self.sudo = sudo
         self.timeout = timeout
-        self.privileged_log = []  # every argv run as root, for audits and tests
+        # the last argv run as root, for audits and tests; bounded: a worker runs for months
+        self.privileged_log = collections.deque(maxlen=1000)
 
     def run(self, argv, stdin=None, timeout=None, check=True):
         """Run argv; returns CompletedProcess (text) or raises CommandFailed."""

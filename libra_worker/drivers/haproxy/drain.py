@@ -85,7 +85,7 @@ class DrainFollower:
                 self.ledger.drained(generation)
                 continue
             try:
-                snapshot = query.parse(self.service.ask_worker(pid, query.QUERY))
+                snapshot = query.parse(self.service.ask_worker(pid, query.FRONTENDS_QUERY))
             except ServiceError as error:
                 LOG.debug("HAProxy %s is gone (%s)", generation, error)
                 self.ledger.drained(generation)

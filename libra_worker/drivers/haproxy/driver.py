@@ -12,7 +12,7 @@ from libra_worker.drivers.haproxy.drain import DrainFollower
 from libra_worker.drivers.haproxy.commands import CP, MV, RM, SERVICE, Commands
 from libra_worker.drivers.haproxy.config_files import ConfigStore
 from libra_worker.drivers.haproxy.counters import Ledger
-from libra_worker.drivers.haproxy.query import StatsSocket
+from libra_worker.drivers.haproxy.query import FRONTENDS_QUERY, SERVERS_QUERY, StatsSocket
 from libra_worker.drivers.haproxy.service import make_service
 from libra_worker.errors import CommandFailed, Deleted, JobError, ServiceError
 
@@ -35,6 +35,40 @@ def exclusive(action):
         with self.busy:
             return action(self, *args)
     return locked
+
+
+RUNTIME_LINE_BYTES = 14000  # per stats-socket line: HAProxy reads one into tune.bufsize (16 kB)
+
+
+def runtime_batches(commands, limit=RUNTIME_LINE_BYTES):
+    """The commands in groups whose `;`-joined line stays under `limit` bytes."""
+    batch, size = [], 0
+    for command in commands:
+        if batch and size + len(command.line) + 1 > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(command)
+        size += len(command.line) + 1
+    if batch:
+        yield batch
+
+
+def split_answers(text, count):
+    """HAProxy's answer to `count` `;`-separated commands → one text each.
+
+    Each command's answer ends with an empty line (a silent command's is only
+    that); fewer than `count` answers means the reply was cut short.
+    """
+    answers, current = [], []
+    for line in text.split("\n"):
+        if line:
+            current.append(line)
+            continue
+        answers.append("\n".join(current))
+        current = []
+        if len(answers) == count:
+            break
+    return answers
 
 
 class HAProxyDriver:
@@ -95,7 +129,8 @@ class HAProxyDriver:
 
     def _swap(self, text, load_balancers, was_running):
         """Validate, install, then change HAProxy at run time or reload it; all or nothing."""
-        runtime = render.runtime_commands(self.applied, load_balancers) if was_running else None
+        runtime = render.runtime_commands(self.applied, load_balancers,
+                                          limit=MAX_RUNTIME_COMMANDS) if was_running else None
         if runtime is not None and len(runtime) > MAX_RUNTIME_COMMANDS:
             runtime = None  # a socat round trip each: past a few dozen, one reload is faster
         candidate = self.configs.stage(text)
@@ -134,17 +169,23 @@ class HAProxyDriver:
             self.drain_follower.hold(held)
 
     def _apply_at_runtime(self, commands):
-        """Send each runtime command; False (reload instead) at the first refusal."""
-        for command in commands:
+        """Send the commands, many per stats-socket call; False (reload instead) at the first refusal."""
+        for batch in runtime_batches(commands):
             try:
-                answer = self.stats_socket.ask(command.line)
+                answer = self.stats_socket.ask(";".join(command.line for command in batch))
             except ServiceError as error:
-                LOG.warning("runtime change %r failed (%s): reloading instead", command.line, error)
+                LOG.warning("runtime change %r... failed (%s): reloading instead", batch[0].line, error)
                 return False
-            if not command.expect.match(answer):
-                LOG.warning("HAProxy refused %r (%s): reloading instead",
-                            command.line, " ".join(answer.split())[:200])
+            answers = split_answers(answer, len(batch))
+            if len(answers) < len(batch):
+                LOG.warning("HAProxy answered %d of %d runtime commands: reloading instead",
+                            len(answers), len(batch))
                 return False
+            for command, text in zip(batch, answers):
+                if not command.expect.match(text):
+                    LOG.warning("HAProxy refused %r (%s): reloading instead",
+                                command.line, " ".join(text.split())[:200])
+                    return False
         return True
 
     def _roll_back(self, had_live, was_running):
@@ -188,7 +229,7 @@ class HAProxyDriver:
 
     def stats(self):
         self._require_not_deleted()
-        snapshot = self.stats_socket.snapshot()
+        snapshot = self.stats_socket.snapshot(SERVERS_QUERY)
         backends = {render.backend_name(protocol) for protocol in ("HTTP", "TCP", "GALERA")}
         return [(server, status) for proxy, server, status in snapshot.server_statuses()
                 if proxy in backends]
@@ -205,7 +246,7 @@ class HAProxyDriver:
     # -- helpers ---------------------------------------------------------------
     def _snapshot_or_none(self):
         try:
-            return self.stats_socket.snapshot()
+            return self.stats_socket.snapshot(FRONTENDS_QUERY)
         except ServiceError as error:
             LOG.info("no HAProxy counters to read: %s", error)
             return None

@@ -177,7 +177,11 @@ def _is_ip(address):
     return True
 
 
-def runtime_commands(old_lbs, new_lbs):
+class _TooMany(Exception):
+    pass
+
+
+def runtime_commands(old_lbs, new_lbs, limit=None):
     """[RuntimeCommand] turning running `old_lbs` into `new_lbs`, or None when only a reload can.
 
     Node weights, conditions and IP addresses change in place; nodes of TCP and GALERA
@@ -187,10 +191,19 @@ def runtime_commands(old_lbs, new_lbs):
     """
     if old_lbs is None or len(old_lbs) != len(new_lbs):
         return None
+    try:
+        return _runtime_commands(old_lbs, new_lbs, limit)
+    except _TooMany:  # more than the caller would send: it reloads anyway
+        return None
+
+
+def _runtime_commands(old_lbs, new_lbs, limit):
     macros = environment().get_template("runtime.j2").module
     commands = []
 
     def add(kind, *args):
+        if limit is not None and len(commands) >= limit:
+            raise _TooMany()
         commands.append(RuntimeCommand(str(getattr(macros, kind)(*args)).strip(), _RUNTIME_OK[kind]))
 
     by_protocol = {lb.protocol: lb for lb in old_lbs}

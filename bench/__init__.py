@@ -1,0 +1,1 @@
+"""bench/: libra_worker's figures against their floors, measured in one run (see bench/run)."""

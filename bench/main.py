@@ -1,0 +1,473 @@
+"""bench/run: every figure of DESIGN.md's Targets, next to its floor, in one run.
+
+The floors are measured in the same run, on the same machine, against the
+same gearmand and the same HAProxy; A and B are interleaved round by round
+(A B, B A, A B, ...) and each figure is the median of the rounds' medians,
+so that load from other processes on the machine hits both sides alike.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench import haproxy, procs
+from bench.gearclient import Client, wait_answering
+from bench.report import Figure, judge, table, write_json
+
+WORKER_NAME = "bench-device"
+ECHO_NAME = "bench-echo"
+DISCOVER = {"hpcs_action": "DISCOVER"}
+STATS = {"hpcs_action": "STATS"}
+METRICS = {"hpcs_action": "METRICS"}
+RSS_LIMIT_MB = 40.0
+RSS_GROWTH_MB = 1.0          # "no growth": less than this, allocator noise included
+LOAD_RATE = 250              # new HTTP connections per second (target: >= 200)
+MIN_LOAD_RATE = 200
+KEEPALIVE_CLIENTS = 6        # alongside: clients reusing their connections (HTTP keep-alive)
+RELOADS = 50
+CLIENTS = 4
+
+
+class Plan:
+    """How many rounds of what: full, or --quick (a smoke run, < 60 s)."""
+
+    def __init__(self, quick):
+        self.quick = quick
+        self.warmup = 50 if quick else 200
+        self.rt_rounds = 10 if quick else 30
+        self.discover_per_round = 50 if quick else 100
+        self.stats_per_round = 10 if quick else 30
+        self.tput_rounds = 1 if quick else 3
+        self.tput_seconds = 1.0 if quick else 2.0
+        self.rss_jobs = 2_000 if quick else 10_000
+        self.update_rounds = {10: 3, 1_000: 2, 10_000: 1} if quick else {10: 10, 1_000: 10, 10_000: 4}
+        # UPDATEs that change only weights: the worker may use the runtime API (100: its batch size)
+        self.weights_rounds = {10: 2, 100: 2, 1_000: 1} if quick else {10: 6, 100: 6, 1_000: 8, 10_000: 2}
+
+
+def median(values):
+    return statistics.median(values)
+
+
+def spread(values, scale=1e3):
+    return f"{min(values) * scale:.2f}..{max(values) * scale:.2f}"
+
+
+def interleave(rounds, sides):
+    """sides: {name: callable() -> list of samples}; → {name: [one median per round]}.
+
+    Round r runs the sides in order, reversed on odd rounds (A B, B A, ...).
+    """
+    names = list(sides)
+    medians = {name: [] for name in names}
+    for index in range(rounds):
+        for name in (names if index % 2 == 0 else list(reversed(names))):
+            medians[name].append(median(sides[name]()))
+    return medians
+
+
+def update_message(port, nodes, weight=1, monitor=None, first_node_port=20000, variant=0):
+    """One HTTP load balancer with `nodes` back-ends at 127.0.0.1:first_node_port+i.
+
+    `variant` changes the client timeout by a millisecond: a change that only
+    a reload can apply (weights alone could be set through the runtime API).
+    """
+    return {"hpcs_action": "UPDATE", "loadBalancers": [{
+        "name": "bench", "protocol": "HTTP", "port": port,
+        "options": {"client_timeout": 30000 + variant},
+        "monitor": monitor or {"type": "CONNECT", "delay": 3600, "timeout": 1, "attempts": 1},
+        "nodes": [{"id": f"node-{i}", "address": "127.0.0.1", "port": first_node_port + i,
+                   "weight": weight} for i in range(nodes)]}]}
+
+
+class Bench:
+    def __init__(self, plan, workdir):
+        self.plan = plan
+        self.dir = workdir
+        self.figures = []
+        self.gearmand = None
+        self.worker = None
+        self.echo = None
+        self.backends = []
+        self.client = None
+        self.lb_port = procs.free_port()
+        self.jobs_since_idle = 0
+        self.socat_median = None
+
+    # -- set-up ------------------------------------------------------------
+    def setup(self):
+        self.gearmand = procs.Gearmand(self.dir).start()
+        self.worker = procs.LibraWorker(os.path.join(self.dir, "worker"), self.gearmand, WORKER_NAME).start()
+        self.echo = procs.EchoWorker(os.path.join(self.dir, "echo"), self.gearmand, ECHO_NAME).start()
+        self.backends = [procs.HttpBackend(os.path.join(self.dir, "backends"), name).start()
+                         for name in ("node-a", "node-b")]
+        self.client = Client(self.gearmand.address)
+        for name, process in ((WORKER_NAME, self.worker), (ECHO_NAME, self.echo)):
+            try:
+                wait_answering(self.client, name, json.dumps(DISCOVER).encode(), alive=process.running)
+            except RuntimeError as error:
+                raise RuntimeError(f"{error}: {process.stderr_tail()}") from None
+        self.update(self.base_lb(1, 2))
+
+    def base_lb(self, weight_a, weight_b, variant=0):
+        """The load balancer of the STATS and reload-under-load figures: 2 real back-ends."""
+        message = update_message(self.lb_port, 0, variant=variant, monitor={
+            "type": "HTTP", "delay": 2, "timeout": 1, "attempts": 2, "path": "/"})
+        message["loadBalancers"][0]["nodes"] = [
+            {"id": backend.name, "address": "127.0.0.1", "port": backend.port, "weight": weight}
+            for backend, weight in zip(self.backends, (weight_a, weight_b))]
+        return message
+
+    def teardown(self):
+        if self.client is not None:
+            self.client.close()
+        for process in [self.worker, self.echo, *self.backends]:
+            if process is not None:
+                process.stop()
+        if self.gearmand is not None:
+            self.gearmand.stop()
+
+    # -- jobs --------------------------------------------------------------
+    def call(self, name, message_bytes, expect_pass=True):
+        seconds, reply = self.client.call(name, message_bytes)
+        if name == WORKER_NAME:
+            self.jobs_since_idle += 1
+            if expect_pass and b'"hpcs_response": "PASS"' not in reply:
+                raise RuntimeError(f"the worker did not PASS: {reply[:300]!r}")
+        return seconds
+
+    def update(self, message):
+        seconds, reply = self.client.call_json(WORKER_NAME, message)
+        self.jobs_since_idle += 1
+        if reply.get("hpcs_response") != "PASS":
+            raise RuntimeError(f"UPDATE did not PASS: {reply.get('hpcs_error')}")
+        return seconds
+
+    def add(self, figure):
+        self.figures.append(figure)
+        print(f"  {figure.figure}: {figure.measured:.4g} {figure.unit}"
+              + (f" (floor {figure.floor:.4g}, {figure.ratio:.2f}x)" if figure.ratio else "")
+              + f" {figure.result}", flush=True)
+
+    # -- figures -----------------------------------------------------------
+    def warm_up(self):
+        discover, stats = json.dumps(DISCOVER).encode(), json.dumps(STATS).encode()
+        for _ in range(self.plan.warmup):
+            self.call(WORKER_NAME, discover)
+            self.call(ECHO_NAME, discover)
+        for _ in range(self.plan.warmup // 10):
+            self.call(WORKER_NAME, stats)
+            haproxy.socat_show_stat(self.worker.stats_socket)
+        time.sleep(0.5)
+
+    def rss_idle(self):
+        self.idle_rss = procs.rss_mb(self.worker.pid)
+        self.jobs_since_idle = 0
+        self.add(Figure("worker RSS, idle", self.idle_rss, "MB", target=f"<= {RSS_LIMIT_MB:g} MB",
+                        result=judge(self.idle_rss, RSS_LIMIT_MB),
+                        detail="VmRSS of the libra_worker process after start, one UPDATE and the warm-up"))
+
+    def discover_rt(self):
+        payload = json.dumps(DISCOVER).encode()
+        count = self.plan.discover_per_round
+        medians = interleave(self.plan.rt_rounds, {
+            "worker": lambda: [self.call(WORKER_NAME, payload) for _ in range(count)],
+            "echo": lambda: [self.call(ECHO_NAME, payload) for _ in range(count)]})
+        measured, floor = median(medians["worker"]), median(medians["echo"])
+        self.add(Figure("DISCOVER round trip", measured * 1e3, "ms", floor * 1e3, measured / floor,
+                        "<= 1.5x", judge(measured / floor, 1.5),
+                        f"{self.plan.rt_rounds} interleaved rounds x {count} sequential jobs; "
+                        f"floor: bench/echo.py (libra_worker.gearman.Worker sending the payload back) "
+                        f"on the same gearmand; round medians worker {spread(medians['worker'])} ms, "
+                        f"echo {spread(medians['echo'])} ms",
+                        {"worker_round_medians_s": medians["worker"], "echo_round_medians_s": medians["echo"]}))
+
+    def stats_rt(self):
+        payload = json.dumps(STATS).encode()
+        count = self.plan.stats_per_round
+        socket_path = self.worker.stats_socket
+        medians = interleave(self.plan.rt_rounds, {
+            "worker": lambda: [self.call(WORKER_NAME, payload) for _ in range(count)],
+            "echo": lambda: [self.call(ECHO_NAME, payload) for _ in range(count)],
+            "socat": lambda: [haproxy.socat_show_stat(socket_path)[0] for _ in range(count)]})
+        measured = median(medians["worker"])
+        floors = [echo + socat for echo, socat in zip(medians["echo"], medians["socat"])]
+        floor = median(floors)
+        self.socat_median = median(medians["socat"])
+        self.add(Figure("STATS round trip", measured * 1e3, "ms", floor * 1e3, measured / floor,
+                        "<= 1.5x", judge(measured / floor, 1.5),
+                        f"{self.plan.rt_rounds} interleaved rounds x {count} jobs; floor: echo round trip "
+                        f"(median {median(medians['echo']) * 1e3:.2f} ms) + one `socat stdio unix-connect:"
+                        f"<stats socket>` `show stat` timed as a subprocess (median "
+                        f"{self.socat_median * 1e3:.2f} ms); 2 servers behind 1 HTTP load balancer",
+                        {"worker_round_medians_s": medians["worker"], "echo_round_medians_s": medians["echo"],
+                         "socat_round_medians_s": medians["socat"]}))
+
+    def run_clients(self, name, messages, seconds=None, jobs=None):
+        """CLIENTS gearload processes at once → (jobs completed, FAIL replies, seconds)."""
+        limit = ["--seconds", str(seconds)] if seconds else ["--jobs", str(jobs)]
+        env = dict(os.environ, PYTHONPATH=str(procs.PROJECT))
+        children = [subprocess.Popen([procs.PYTHON, "-m", "bench.gearload", self.gearmand.address, name,
+                                      json.dumps(messages), *limit],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=env)
+                    for _ in range(CLIENTS)]
+        try:
+            for child in children:   # every client connected: start them together
+                if child.stdout.readline().strip() != "ready":
+                    raise RuntimeError(f"a gearload client did not start: {child.stderr.read()[-300:]}")
+            for child in children:
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            results = []
+            for child in children:
+                out, err = child.communicate(timeout=600)
+                if child.returncode != 0:
+                    raise RuntimeError(f"a gearload client failed: {err.strip()[-300:]}")
+                results.append(json.loads(out))
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+        done = sum(result["jobs"] for result in results)
+        failed = sum(result["failed"] for result in results)
+        if name == WORKER_NAME:
+            self.jobs_since_idle += done
+        return done, failed, max(result["seconds"] for result in results)
+
+    def throughput(self):
+        seconds = self.plan.tput_seconds
+        rates = {}
+        for label, message in (("DISCOVER", DISCOVER), ("STATS", STATS)):
+            def rate(name, message=message):
+                done, failed, elapsed = self.run_clients(name, [message], seconds=seconds)
+                if failed:
+                    raise RuntimeError(f"{failed} {label} jobs FAILed during the throughput run")
+                return [done / elapsed]
+            rates[label] = interleave(self.plan.tput_rounds, {"worker": lambda: rate(WORKER_NAME),
+                                                               "echo": lambda: rate(ECHO_NAME)})
+        worker, echo = median(rates["DISCOVER"]["worker"]), median(rates["DISCOVER"]["echo"])
+        common = (f"{CLIENTS} client processes sending jobs back to back for {seconds:g} s, "
+                  f"{self.plan.tput_rounds} interleaved round(s); ratio = floor / measured")
+        self.add(Figure("DISCOVER jobs/s, 4 clients", worker, "jobs/s", echo, echo / worker, "-", "INFO",
+                        f"{common}; floor: the echo worker", {"rates": rates["DISCOVER"]}))
+        worker, echo = median(rates["STATS"]["worker"]), median(rates["STATS"]["echo"])
+        floor = 1.0 / (1.0 / echo + self.socat_median)
+        self.add(Figure("STATS jobs/s, 4 clients", worker, "jobs/s", floor, floor / worker, "-", "INFO",
+                        f"{common}; floor: one job at a time costing an echo job (echo worker: "
+                        f"{echo:.0f} jobs/s) + one socat show stat ({self.socat_median * 1e3:.2f} ms)",
+                        {"rates": rates["STATS"]}))
+
+    def rss_after_jobs(self):
+        mix = [DISCOVER] * 8 + [STATS, METRICS]
+        missing = self.plan.rss_jobs - self.jobs_since_idle
+        if missing > 0:
+            done, failed, _ = self.run_clients(WORKER_NAME, mix, jobs=-(-missing // CLIENTS))
+            if failed:
+                raise RuntimeError(f"{failed} jobs FAILed during the RSS run")
+        time.sleep(0.5)
+        after = procs.rss_mb(self.worker.pid)
+        growth = after - self.idle_rss
+        jobs = self.jobs_since_idle
+        self.add(Figure(f"worker RSS after {jobs:,} jobs", after, "MB", target=f"<= {RSS_LIMIT_MB:g} MB",
+                        result=judge(after, RSS_LIMIT_MB),
+                        detail=f"the figures above plus DISCOVER/STATS/METRICS (8:1:1) from {CLIENTS} clients"))
+        self.add(Figure(f"worker RSS growth over {jobs:,} jobs", growth, "MB",
+                        target=f"< {RSS_GROWTH_MB:g} MB", result="PASS" if growth < RSS_GROWTH_MB else "FAIL",
+                        detail=f"VmRSS after minus idle ({self.idle_rss:.1f} MB)"))
+
+    def reloads_under_load(self):
+        load = subprocess.Popen([procs.PYTHON, "-m", "bench.httpload", str(self.lb_port), str(LOAD_RATE), "300",
+                                 str(KEEPALIVE_CLIENTS)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(procs.PROJECT)))
+        workers, update_seconds = set(), []
+        try:
+            time.sleep(1.0)
+            for index in range(RELOADS):
+                weights = (1, 2) if index % 2 else (2, 1)   # every UPDATE a config only a reload applies
+                update_seconds.append(self.update(self.base_lb(*weights, variant=1 + index % 2)))
+                workers.add(haproxy.current_worker(haproxy.show_proc(self.worker.master_socket)))
+                time.sleep(0.05)
+            time.sleep(1.0)
+        finally:
+            out, err = load.communicate("stop\n", timeout=60)
+        if load.returncode != 0:
+            raise RuntimeError(f"the HTTP load generator failed: {err.strip()[-300:]}")
+        result = json.loads(out)
+        failed = result["failed"]
+        valid = result["rate"] >= MIN_LOAD_RATE and len(workers) == RELOADS
+        outcome = ", ".join(f"{key} {value}" for key, value in sorted(result["outcomes"].items()))
+        self.add(Figure(f"failed HTTP requests across {RELOADS} UPDATE reloads", failed, "failed",
+                        target="0", result="PASS" if failed == 0 and valid else "FAIL",
+                        detail=f"{result['requests']} new connections at {result['rate']:.0f}/s "
+                               f"(GET /, Connection: close) through HAProxy to 2 back-ends over "
+                               f"{result['seconds']:.1f} s while {RELOADS} UPDATEs (weights and client timeout alternating) "
+                               f"each PASSed with a new HAProxy worker ({len(workers)} distinct); "
+                               f"UPDATE median {median(update_seconds) * 1e3:.0f} ms; outcomes: {outcome}"
+                               + (f"; details: {result['details']}" if result["details"] else "")
+                               + ("" if valid else f"; INVALID RUN: rate below {MIN_LOAD_RATE}/s or "
+                                                   f"not every UPDATE reloaded"),
+                        samples=result))
+        kept = result["keepalive"]
+        self.add(Figure(f"failed keep-alive requests across {RELOADS} UPDATE reloads", kept["failed"], "failed",
+                        target="0", result="PASS" if kept["failed"] == 0 and valid else "FAIL",
+                        detail=f"at the same time, {kept['clients']} clients sending GET / after GET / on "
+                               f"persistent connections ({kept['requests']} requests on {kept['connections']} "
+                               f"connections; a new one only after an answer announcing the close); "
+                               f"outcomes: {kept['outcomes']}"
+                               + (f"; errors: {kept['details']}" if kept["details"] else ""),
+                        samples=kept))
+
+    def update_sizes(self):
+        for nodes in sorted(set(self.plan.update_rounds) | set(self.plan.weights_rounds)):
+            self.update(update_message(self.lb_port, nodes, weight=3, variant=3))   # warm-up: this size
+            if self.plan.update_rounds.get(nodes):
+                self.update_figure(nodes, self.plan.update_rounds[nodes], weights_only=False)
+            if self.plan.weights_rounds.get(nodes):
+                self.update_figure(nodes, self.plan.weights_rounds[nodes], weights_only=True)
+
+    def update_figure(self, nodes, rounds, weights_only):
+        """UPDATE round trips (A) interleaved with haproxy -c + reload of the config they wrote (B).
+
+        weights_only=False: each UPDATE also moves the client timeout, a change
+        only a reload applies.  True: only the weights change, which the worker
+        may apply through the runtime API instead; the floor stays the reload.
+        """
+        port, counter, paths = self.lb_port, [0], []
+        fixed_variant = 2 if weights_only else None
+
+        def worker_side():
+            counter[0] += 1
+            flip = 1 + counter[0] % 2
+            message = update_message(port, nodes, weight=flip + (2 if weights_only else 0),
+                                     variant=fixed_variant if weights_only else flip)
+            before = haproxy.current_worker(haproxy.show_proc(self.worker.master_socket))
+            seconds = self.update(message)
+            reloaded = haproxy.current_worker(haproxy.show_proc(self.worker.master_socket)) != before
+            if not weights_only and not reloaded:
+                raise RuntimeError(f"an UPDATE of {nodes} nodes did not reload HAProxy: "
+                                   f"not comparable with the floor")
+            paths.append("reload" if reloaded else "runtime API")
+            return [seconds]
+
+        def floor_side():
+            return [haproxy.check_and_reload(self.worker.config, self.worker.master_socket)]
+
+        if weights_only:   # the running config these UPDATEs start from: weights 5, then 4, 3, 4, ...
+            self.update(update_message(port, nodes, weight=5, variant=fixed_variant))
+        medians = interleave(rounds, {"worker": worker_side, "floor": floor_side})
+        measured, floor = median(medians["worker"]), median(medians["floor"])
+        what = ("weights only" if weights_only else "reload")
+        how = ("only the weights change (" + ", ".join(sorted(set(paths))) + ")" if weights_only
+               else "each a config only a reload applies (weights and client timeout alternating)")
+        self.add(Figure(f"UPDATE round trip, {nodes:,} nodes, {what}", measured * 1e3, "ms", floor * 1e3,
+                        measured / floor, "<= 1.3x", judge(measured / floor, 1.3),
+                        f"{rounds} interleaved round(s); UPDATEs: {how}; floor: `haproxy -c -f` of the "
+                        f"config the worker wrote + `reload` on the same master CLI + `show proc` every "
+                        f"{haproxy.POLL_INTERVAL * 1e3:g} ms until the new worker; worker "
+                        f"{spread(medians['worker'])} ms, floor {spread(medians['floor'])} ms",
+                        {"worker_s": medians["worker"], "floor_s": medians["floor"], "paths": paths}))
+
+    def rss_big(self):
+        self.call(WORKER_NAME, json.dumps(STATS).encode())
+        time.sleep(0.5)
+        rss, peak = procs.rss_mb(self.worker.pid), procs.hwm_mb(self.worker.pid)
+        self.add(Figure("worker RSS, idle after a 10,000-node UPDATE + STATS", rss, "MB",
+                        target=f"<= {RSS_LIMIT_MB:g} MB", result=judge(rss, RSS_LIMIT_MB),
+                        detail=f"VmRSS once the 10,000-node UPDATEs and a STATS are done; "
+                               f"peak (VmHWM) {peak:.1f} MB"))
+
+    def run(self):
+        steps = [("set-up", self.setup), ("warm-up", self.warm_up), ("idle RSS", self.rss_idle),
+                 ("DISCOVER", self.discover_rt), ("STATS", self.stats_rt), ("throughput", self.throughput),
+                 ("RSS after jobs", self.rss_after_jobs), ("reloads under load", self.reloads_under_load),
+                 ("UPDATE sizes", self.update_sizes), ("RSS, 10,000 nodes", self.rss_big)]
+        for label, step in steps:
+            print(f"[{time.strftime('%H:%M:%S')}] {label}", flush=True)
+            step()
+            if not self.worker.running():
+                raise RuntimeError(f"the worker exited during {label}: {self.worker.stderr_tail()}")
+
+
+def worker_source():
+    """Which libra_worker code the worker runs: this checkout (git revision) or BENCH_WORKER_SRC."""
+    source = os.environ.get("BENCH_WORKER_SRC")
+    if source:
+        return f"worker code from BENCH_WORKER_SRC={os.path.abspath(source)}"
+    try:
+        revision = subprocess.run(["git", "-C", str(procs.PROJECT), "rev-parse", "--short", "HEAD"],
+                                  capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(procs.PROJECT), "status", "--porcelain", "--", "libra_worker"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        revision, dirty = "", ""
+    return f"worker code from {procs.PROJECT}" + (f" (git {revision}{', modified' if dirty else ''})"
+                                                  if revision else "")
+
+
+def header(plan):
+    load = os.getloadavg()
+    haproxy_version = subprocess.run([procs.HAPROXY, "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    return (f"libra_worker bench ({'--quick' if plan.quick else 'full'}), "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')}, {platform.node()}, "
+            f"{os.cpu_count()} CPUs, load average {load[0]:.2f} at the start\n"
+            f"worker as in scripts/demo: --nodaemon, service = process, sudo = false, one gearmand "
+            f"(-t 1) on 127.0.0.1; {worker_source()}\n"
+            f"{haproxy_version.split(' - ')[0].strip()}; Python {platform.python_version()}; "
+            f"ratio = measured / floor (jobs/s: floor / measured), 1.00x = as fast as the bare tools")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run (< 60 s)")
+    parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    args = parser.parse_args(argv)
+    for tool in (procs.GEARMAND, procs.HAPROXY, procs.SOCAT):
+        if not os.access(tool, os.X_OK):
+            print(f"bench/run: {tool} is missing (scripts/bootstrap installs it)", file=sys.stderr)
+            return 1
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    signal.signal(signal.SIGTERM, interrupted)
+
+    plan = Plan(args.quick)
+    workdir = tempfile.mkdtemp(prefix="libra-bench-")
+    bench = Bench(plan, workdir)
+    started = time.monotonic()
+    title = header(plan)
+    print(title, flush=True)
+    status = 0
+    try:
+        bench.run()
+    except (Exception, KeyboardInterrupt) as error:
+        print(f"bench/run: the harness broke: {type(error).__name__}: {error}", file=sys.stderr)
+        status = 1
+    finally:
+        bench.teardown()
+        if args.keep or status:
+            print(f"bench/run: files kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    print()
+    print(table(bench.figures, title))
+    print(f"\n{len(bench.figures)} figures in {elapsed:.0f} s, load average {os.getloadavg()[0]:.2f} "
+          f"at the end; {sum(f.result == 'FAIL' for f in bench.figures)} FAIL")
+    if args.json:
+        write_json(args.json, bench.figures, title,
+                   {"quick": plan.quick, "seconds": round(elapsed, 1), "harness_ok": status == 0,
+                    "load_average_end": os.getloadavg()[0]})
+    return status
