@@ -8,28 +8,14 @@
   wait libra_worker's ProcessService does.
 """
 import re
-import socket
 import subprocess
 import time
 
 from bench.procs import HAPROXY, SOCAT
+from libra_worker.drivers.haproxy.service import unix_request  # the worker's own CLI client
 
 POLL_INTERVAL = 0.01      # what libra_worker.drivers.haproxy.service polls at
 _PROC_LINE = re.compile(r"^(\d+)\s+(master|worker)\s+(\d+)(?:\s+\[failed:\s*(\d+)\])?", re.M)
-
-
-def unix_request(path, command, timeout=5.0):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
-        conn.connect(str(path))
-        conn.sendall(command.encode() + b"\n")
-        conn.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return b"".join(chunks).decode("utf-8", "replace")
-            chunks.append(chunk)
 
 
 def show_proc(master_socket):

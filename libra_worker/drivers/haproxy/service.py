@@ -27,7 +27,7 @@ def unix_request(path, command, timeout=5.0):
     """Send one command to an HAProxy CLI socket and return the whole answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
-        conn.connect(path)
+        conn.connect(os.fspath(path))
         conn.sendall(command.encode() + b"\n")
         conn.shutdown(socket.SHUT_WR)  # end of input: the CLI answers, then closes
         chunks = []
