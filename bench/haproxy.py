@@ -7,35 +7,25 @@
   survived no reload) appears or the failed-reload count rises: the same
   wait libra_worker's ProcessService does.
 """
-import re
 import subprocess
 import time
 
 from bench.procs import HAPROXY, SOCAT
-from libra_worker.drivers.haproxy.service import unix_request  # the worker's own CLI client
+from libra_worker.drivers.haproxy.service import ProcState, unix_request  # the worker's own CLI client
 
 POLL_INTERVAL = 0.01      # what libra_worker.drivers.haproxy.service polls at
-_PROC_LINE = re.compile(r"^(\d+)\s+(master|worker)\s+(\d+)(?:\s+\[failed:\s*(\d+)\])?", re.M)
 
 
 def show_proc(master_socket):
-    """(failed reloads, [(worker pid, reloads survived)]) or None when the master does not answer."""
+    """The master's `show proc`, parsed as the worker parses it, or None when it does not answer."""
     try:
-        text = unix_request(master_socket, "show proc")
+        return ProcState(unix_request(master_socket, "show proc"))
     except OSError:
         return None
-    failed, workers = 0, []
-    for pid, kind, reloads, failed_count in _PROC_LINE.findall(text):
-        if kind == "master":
-            failed = int(failed_count or 0)
-        else:
-            workers.append((int(pid), int(reloads)))
-    return failed, workers
 
 
 def current_worker(state):
-    fresh = [pid for pid, reloads in state[1] if reloads == 0] if state else []
-    return fresh[0] if fresh else None
+    return state.current_worker if state is not None else None
 
 
 def socat_show_stat(stats_socket):
@@ -64,7 +54,7 @@ def check_and_reload(config, master_socket, timeout=30.0, poll=POLL_INTERVAL):
     while True:
         state = show_proc(master_socket)
         if state is not None:
-            if state[0] > before[0]:
+            if state.failed_reloads > before.failed_reloads:
                 raise RuntimeError("HAProxy reported a failed reload")
             if current_worker(state) not in (None, current_worker(before)):
                 return time.perf_counter() - started

@@ -37,6 +37,7 @@ import daemon
 import daemon.pidfile
 
 from libra_worker import logs
+from libra_worker.processes import pid_alive
 
 LOG = logging.getLogger(__name__)
 
@@ -179,16 +180,6 @@ def first_problem_as(run_as, checks):
 
 # -- the pid file -------------------------------------------------------------
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def _is_worker(pid):
     """Is the live process pid (as far as /proc tells) a libra_worker?"""
     try:
@@ -209,7 +200,7 @@ def claim_pid_file(path):
     pid = pidfile.read_pid()
     if pid is None:
         why = "no pid in it"
-    elif not _alive(pid):
+    elif not pid_alive(pid):
         why = f"process {pid} is gone"
     elif pid != os.getpid() and _is_worker(pid):
         raise StartupError(f"--pid: {path} is held by running process {pid}")

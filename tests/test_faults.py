@@ -9,7 +9,6 @@ matches the file, and the device serves the next job.
 import json
 import os
 import re
-import signal
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from support.faults import (Killer, MountRefused, PortHolder, SlowHaproxy, Templ
                             WorkerLog, file_identity, haproxy_check, mode_of)
 from support.gearmand import Gearmand
 from support.ports import free_port
-from support.traffic import (Device, backend_counts, haproxy_processes, http_get, lb, node, refuses,
+from support.traffic import (Device, backend_counts, http_get, kill_haproxy, lb, node, refuses,
                              stop_haproxy, tcp_exchange, update, wait_until)
 
 from libra_worker import settings as settings_module
@@ -58,18 +57,6 @@ def _assert_running_matches_file(device):
     reply = device.must_pass({"hpcs_action": "STATS"})
     in_file = _server_ids(device, device.config_bytes().decode())
     assert sorted(entry["id"] for entry in reply["nodes"]) == in_file, (reply["nodes"], in_file)
-
-
-def _kill_haproxy(device):
-    """SIGKILL every HAProxy process of the device: master and workers, no clean-up."""
-    pids = haproxy_processes(device.config)
-    assert pids, "no HAProxy to kill"
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    wait_until(lambda: not haproxy_processes(device.config), what="HAProxy to die")
 
 
 # ==========================================================================
@@ -163,7 +150,7 @@ def test_haproxy_killed_behind_the_workers_back(tmp_path, web):
         assert set(backend_counts(port, 4)) == {b.name for b in web}
 
         # 1. STATS says so; METRICS stays sane; the next UPDATE brings it back.
-        _kill_haproxy(device)
+        kill_haproxy(device.config)
         wait_until(lambda: refuses(port), timeout=5, what="the dead HAProxy's port to close")
         stats = device.submit({"hpcs_action": "STATS"})
         assert stats["hpcs_response"] == "FAIL", stats
@@ -178,14 +165,14 @@ def test_haproxy_killed_behind_the_workers_back(tmp_path, web):
         _assert_running_matches_file(device)
 
         # 2. ENABLE brings it back.
-        _kill_haproxy(device)
+        kill_haproxy(device.config)
         assert device.submit({"hpcs_action": "STATS"})["hpcs_response"] == "FAIL"
         device.must_pass({"hpcs_action": "ENABLE"})
         assert set(backend_counts(port, 4)) == {b.name for b in web}
         assert len(device.masters()) == 1
 
         # 3. A worker that restarts brings it back by itself (the device was ACTIVE).
-        _kill_haproxy(device)
+        kill_haproxy(device.config)
         device.restart_worker()
         wait_until(lambda: http_get(port).status == 200, what="HAProxy back after a worker restart")
         assert len(device.masters()) == 1

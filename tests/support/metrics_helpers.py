@@ -9,13 +9,12 @@ the same directory, config, name and statsfile after the first one died.
 import csv
 import datetime
 import os
-import signal
 import socket
 import threading
 import time
 from pathlib import Path
 
-from .traffic import haproxy_processes, http_get, stop_haproxy, tcp_exchange, unix_command
+from .traffic import haproxy_processes, http_get, kill_haproxy, stop_haproxy, tcp_exchange, unix_command
 from .worker import WorkerProcess
 
 SUDO_INI = {"worker:haproxy": {"sudo": "true"}}
@@ -104,18 +103,7 @@ class Station:
 
     def kill_haproxy(self, timeout=10.0):
         """SIGKILL every HAProxy process of this device (master and workers)."""
-        pids = self.haproxy_pids()
-        assert pids, "no HAProxy runs for this device"
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + timeout
-        while self.haproxy_pids():
-            assert time.monotonic() < deadline, f"HAProxy {self.haproxy_pids()} survived SIGKILL"
-            time.sleep(0.02)
-        return pids
+        return kill_haproxy(self.config, timeout)
 
     def log_text(self):
         """Every worker's log (they share one file) as text."""

@@ -276,6 +276,22 @@ def master_pid_from_socket(master_socket):
     raise AssertionError(f"no master line in `show proc` on {master_socket}")
 
 
+def kill_haproxy(config_path, timeout=10.0):
+    """SIGKILL every HAProxy process of `config_path` (master and workers, no clean-up); their pids."""
+    pids = haproxy_processes(config_path)
+    assert pids, f"no HAProxy runs for {config_path}"
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while haproxy_processes(config_path):
+        assert time.monotonic() < deadline, f"HAProxy {haproxy_processes(config_path)} survived SIGKILL"
+        time.sleep(0.02)
+    return pids
+
+
 def stop_haproxy(config_path, timeout=5.0):
     """Stop every haproxy process started for `config_path` (masters first, then leftovers)."""
     for pid in haproxy_masters(config_path):

@@ -16,6 +16,7 @@ import time
 
 from libra_worker.drivers.haproxy.config_files import haproxy_alerts
 from libra_worker.errors import ServiceError
+from libra_worker.processes import pid_alive
 
 LOG = logging.getLogger(__name__)
 
@@ -36,16 +37,6 @@ def unix_request(path, command, timeout=5.0):
             if not chunk:
                 return b"".join(chunks).decode("utf-8", "replace")
             chunks.append(chunk)
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ProcState:
