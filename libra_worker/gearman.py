@@ -11,6 +11,7 @@
 import logging
 import os
 import socket
+import ssl
 import time
 
 import gear
@@ -18,12 +19,40 @@ import gear
 LOG = logging.getLogger(__name__)
 FIRST_RETRY_DELAY = 0.5
 READ_CHUNK = 1 << 20
+CONNECT_TIMEOUT = 5.0
 
 
 class NoDelayConnection(gear.Connection):
     def connect(self):
-        super().connect()
-        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        """Connect within CONNECT_TIMEOUT: gear's own connect has none, and one
+        job server that swallows SYNs would stall every reconnect behind it."""
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
+        except OSError as error:
+            raise gear.ConnectionError(f"cannot connect to {self.host}:{self.port}: {error}") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, self.tcp_keepidle)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, self.tcp_keepintvl)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, self.tcp_keepcnt)
+            if self.use_ssl:  # the handshake is bounded by the same timeout
+                context = gear.create_ssl_context()
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.check_hostname = False
+                context.load_cert_chain(self.ssl_cert, self.ssl_key)
+                context.load_verify_locations(self.ssl_ca)
+                sock = context.wrap_socket(sock, server_hostname=self.host)
+            sock.settimeout(None)
+        except (OSError, ssl.SSLError) as error:
+            sock.close()
+            raise gear.ConnectionError(f"cannot set up {self.host}:{self.port}: {error}") from None
+        self.conn = sock
+        self.connected = True
+        self.connect_time = time.time()
+        self.input_buffer = b""
+        self.need_bytes = False
 
     def _readRawBytes(self, bytes_to_read):
         # gear appends each segment to one bytes buffer, quadratic in the packet
@@ -93,7 +122,10 @@ class Worker(_ServerPool, gear.Worker):
                     continue
             for conn in due:
                 if self.running:
-                    self._try_connect(conn)
+                    try:
+                        self._try_connect(conn)
+                    except Exception:  # this thread must outlive any one bad attempt
+                        LOG.exception("reconnecting to job server %s failed", self._label(conn))
 
     def _try_connect(self, conn):
         try:
