@@ -387,12 +387,19 @@ class Bench:
                         detail=f"VmRSS once the 10,000-node UPDATEs and a STATS are done; "
                                f"peak (VmHWM) {peak:.1f} MB"))
 
-    def run(self):
-        steps = [("set-up", self.setup), ("warm-up", self.warm_up), ("idle RSS", self.rss_idle),
-                 ("DISCOVER", self.discover_rt), ("STATS", self.stats_rt), ("throughput", self.throughput),
-                 ("RSS after jobs", self.rss_after_jobs), ("reloads under load", self.reloads_under_load),
-                 ("UPDATE sizes", self.update_sizes), ("RSS, 10,000 nodes", self.rss_big)]
-        for label, step in steps:
+    def steps(self):
+        """(name for --only, label, step); set-up and warm-up always run."""
+        return [("setup", "set-up", self.setup), ("warmup", "warm-up", self.warm_up),
+                ("rss", "idle RSS", self.rss_idle), ("discover", "DISCOVER", self.discover_rt),
+                ("stats", "STATS", self.stats_rt), ("throughput", "throughput", self.throughput),
+                ("rss-jobs", "RSS after jobs", self.rss_after_jobs),
+                ("hitless", "reloads under load", self.reloads_under_load),
+                ("update", "UPDATE sizes", self.update_sizes), ("rss-big", "RSS, 10,000 nodes", self.rss_big)]
+
+    def run(self, only=None):
+        for name, label, step in self.steps():
+            if only and name not in only and name not in ("setup", "warmup"):
+                continue
             print(f"[{time.strftime('%H:%M:%S')}] {label}", flush=True)
             step()
             if not self.worker.running():
@@ -433,6 +440,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer rounds: a smoke run (< 60 s)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    parser.add_argument("--only", metavar="STEP[,STEP]", type=lambda text: set(text.split(",")),
+                        help="run only these steps (a partial table): rss, discover, stats, throughput, "
+                             "rss-jobs, hitless, update, rss-big")
     args = parser.parse_args(argv)
     for tool in (procs.GEARMAND, procs.HAPROXY, procs.SOCAT):
         if not os.access(tool, os.X_OK):
@@ -451,7 +461,7 @@ def main(argv=None):
     print(title, flush=True)
     status = 0
     try:
-        bench.run()
+        bench.run(args.only)
     except (Exception, KeyboardInterrupt) as error:
         print(f"bench/run: the harness broke: {type(error).__name__}: {error}", file=sys.stderr)
         status = 1

@@ -20,8 +20,8 @@ from support.faults import (Killer, MountRefused, PortHolder, SlowHaproxy, Templ
                             WorkerLog, file_identity, haproxy_check, mode_of)
 from support.gearmand import Gearmand
 from support.ports import free_port
-from support.traffic import (Device, backend_counts, http_get, kill_haproxy, lb, node, refuses,
-                             stop_haproxy, tcp_exchange, update, wait_until)
+from support.traffic import (Device, backend_counts, haproxy_processes, http_get, kill_haproxy, lb, node,
+                             refuses, socat_sessions, stop_haproxy, tcp_exchange, update, wait_until)
 
 from libra_worker import settings as settings_module
 
@@ -237,6 +237,38 @@ def _serving_names(port, protocol):
     if protocol == "HTTP":
         return set(backend_counts(port, 3))
     return {tcp_exchange(port)[0] for _ in range(3)}
+
+
+def test_a_candidate_haproxy_refuses_changes_nothing(tmp_path, web):
+    """`haproxy -c` says no: FAIL with its ALERT, and everything the worker did while the
+    check ran (backup, staged copy, the stats session held for the reload) is undone."""
+    slow = SlowHaproxy(tmp_path / "slow")
+    device = _device(tmp_path / "device", haproxy=str(slow.path))
+    with device:
+        port = free_port()
+        old_web, new_web = web
+        old = update(lb("HTTP", port, [node("old-node", old_web)]))
+        new = update(lb("HTTP", port, [node("new-node", new_web)]))  # a new node: a reload
+        device.must_pass(old)
+        before = device.config_bytes()
+        processes = set(haproxy_processes(device.config))
+        slow.set_reject(True)
+        for attempt in (1, 2):
+            reply = device.submit(new)
+            assert reply["hpcs_response"] == "FAIL", f"attempt {attempt}: {reply}"
+            assert reply["hpcs_error"].startswith("haproxy rejected the configuration: [ALERT]"), reply
+            assert "wrapper refuses every candidate" in reply["hpcs_error"], reply
+            assert "badRequest" not in reply
+            assert device.config_bytes() == before
+            assert not _staging(device).exists(), "the refused candidate is left staged"
+            assert backend_counts(port, 3) == {old_web.name: 3}
+            assert set(haproxy_processes(device.config)) == processes, "HAProxy was reloaded"
+            wait_until(lambda: not socat_sessions(device.stats_socket), 5,
+                       what="the stats session held during the check to be closed")
+        slow.set_reject(False)
+        device.must_pass(new)
+        assert backend_counts(port, 3) == {new_web.name: 3}
+        assert device.backup.read_bytes() == before
 
 
 @pytest.mark.parametrize("point,protocol", [(point, "HTTP") for point in KILL_POINTS]

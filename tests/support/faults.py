@@ -75,8 +75,13 @@ for arg in "$@"; do
         : > "$state/checking"
         delay=$(cat "$state/delay" 2>/dev/null)
         [ -n "$delay" ] && sleep "$delay"
-        {real} "$@"
-        status=$?
+        if [ -e "$state/reject" ]; then
+            echo "[ALERT]    (1) : config : wrapper refuses every candidate (test)" >&2
+            status=1
+        else
+            {real} "$@"
+            status=$?
+        fi
         rm -f "$state/checking"
         [ "$owner" = 1 ] && rmdir "$state/lock"
         echo done >> "$state/finished"
@@ -105,6 +110,14 @@ class SlowHaproxy:
 
     def set_delay(self, seconds):
         (self.state / "delay").write_text(f"{seconds:g}\n")
+
+    def set_reject(self, reject):
+        """Make every `-c` check fail with an [ALERT], as HAProxy does on a config it refuses."""
+        flag = self.state / "reject"
+        if reject:
+            flag.touch()
+        else:
+            flag.unlink(missing_ok=True)
 
     def _count(self, name):
         try:

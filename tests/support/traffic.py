@@ -246,6 +246,14 @@ def haproxy_processes(config_path):
     return found
 
 
+def socat_sessions(stats_socket):
+    """Pids of the live socat processes connected (or connecting) to `stats_socket`."""
+    target = os.fsencode(f"unix-connect:{stats_socket}")
+    return sorted(int(entry) for entry in os.listdir("/proc")
+                  if entry.isdigit() and target in _cmdline(int(entry))
+                  and os.path.basename(_cmdline(int(entry))[0]) == b"socat" and _ppid(int(entry)))
+
+
 def haproxy_masters(config_path):
     """Pids of the haproxy masters for `config_path` (those whose parent is not one of them)."""
     processes = haproxy_processes(config_path)

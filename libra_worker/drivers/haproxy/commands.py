@@ -8,6 +8,7 @@ import collections
 import logging
 import os
 import subprocess
+import time
 
 from libra_worker.errors import CommandFailed
 
@@ -36,19 +37,19 @@ class Commands:
 
     def run(self, argv, stdin=None, timeout=None, check=True):
         """Run argv; returns CompletedProcess (text) or raises CommandFailed."""
-        name = os.path.basename(argv[2] if argv[0] == SUDO else argv[0])
+        return self.start(argv, stdin=stdin, timeout=timeout).result(check=check)
+
+    def start(self, argv, stdin=None, timeout=None):
+        """Start argv and return at once: Running.result() waits for it."""
         try:
-            result = subprocess.run(argv, input=stdin, capture_output=True, text=True,
-                                    timeout=timeout or self.timeout, close_fds=True,
-                                    errors="replace")
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       errors="replace", close_fds=True)
         except FileNotFoundError:
             raise CommandFailed(f"{argv[0]} not found") from None
-        except subprocess.TimeoutExpired:
-            raise CommandFailed(f"{name} timed out after {timeout or self.timeout:g}s") from None
-        if check and result.returncode != 0:
-            reason = last_lines(result.stderr or result.stdout) or f"exit status {result.returncode}"
-            raise CommandFailed(f"{name} failed: {reason}")
-        return result
+        except OSError as error:
+            raise CommandFailed(f"cannot start {argv[0]}: {error.strerror}") from None
+        return Running(process, argv, stdin, timeout or self.timeout)
 
     def spawn(self, argv, output_path):
         """Start a long-lived process in its own session, output appended to a file."""
@@ -95,3 +96,34 @@ class Commands:
 
     def service(self, name, action):
         self.privileged([SERVICE, name, action])
+
+
+class Running:
+    """A command started by Commands.start(), running while the worker does something else."""
+
+    def __init__(self, process, argv, stdin, timeout):
+        self.process = process
+        self.name = os.path.basename(argv[2] if argv[0] == SUDO else argv[0])
+        self.stdin = stdin
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+
+    def result(self, check=True):
+        """Wait for it: CompletedProcess (text), or CommandFailed (timed out, or failed and `check`)."""
+        try:
+            stdout, stderr = self.process.communicate(
+                self.stdin, timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.abandon()
+            raise CommandFailed(f"{self.name} timed out after {self.timeout:g}s") from None
+        result = subprocess.CompletedProcess(self.process.args, self.process.returncode, stdout, stderr)
+        if check and result.returncode != 0:
+            reason = last_lines(stderr or stdout) or f"exit status {result.returncode}"
+            raise CommandFailed(f"{self.name} failed: {reason}")
+        return result
+
+    def abandon(self):
+        """Its result is no longer wanted: kill it if it still runs, and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate()

@@ -61,20 +61,28 @@ class ConfigStore:
         except FileNotFoundError:
             pass
 
-    def validate(self, candidate):
-        result = self.commands.run([self.settings.haproxy, "-c", "-f", candidate], check=False)
-        if result.returncode != 0:
-            raise CommandFailed("haproxy rejected the configuration: "
-                                + haproxy_alerts(result.stderr + result.stdout, candidate))
+    def start_check(self, candidate):
+        """`haproxy -c` of a candidate, started: it runs while the caller gets on with the swap."""
+        return ConfigCheck(self.commands.start([self.settings.haproxy, "-c", "-f", candidate]), candidate)
 
-    def install(self, candidate):
-        """Back up the live file, then rename the candidate into place. True if there was one."""
+    def prepare(self, candidate):
+        """Back up the live file and stage the candidate beside it. True if there was a live one.
+
+        Neither changes what HAProxy reads, so both may run before the check's verdict.
+        """
         had_live = self.exists()
         if had_live:
             self._copy_whole(self.path, self.backup_path)
         self._copy_whole(candidate, self.staging_path)
-        self.commands.move(self.staging_path, self.path)
         return had_live
+
+    def commit(self):
+        """Rename the staged candidate into place: the one step that changes the live file."""
+        self.commands.move(self.staging_path, self.path)
+
+    def unstage(self):
+        """A rejected candidate's staged copy goes."""
+        self.commands.remove_quietly(self.staging_path)
 
     def _copy_whole(self, source, target):
         """cp, or no target at all: a cp that fails (disk full) leaves a truncated file."""
@@ -97,3 +105,21 @@ class ConfigStore:
 
     def close(self):
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class ConfigCheck:
+    """A running `haproxy -c` of one candidate."""
+
+    def __init__(self, running, candidate):
+        self.running = running
+        self.candidate = candidate
+
+    def verdict(self):
+        """Wait for it; CommandFailed with HAProxy's alerts when the candidate is refused."""
+        result = self.running.result(check=False)
+        if result.returncode != 0:
+            raise CommandFailed("haproxy rejected the configuration: "
+                                + haproxy_alerts(result.stderr + result.stdout, self.candidate))
+
+    def abandon(self):
+        self.running.abandon()

@@ -48,11 +48,13 @@ class DrainFollower:
 
     def hold(self, session):
         """Follow the old process `session` is attached to through it (called after a reload)."""
-        try:
-            generation = session.snapshot().generation
-        except ServiceError:
-            session.close()
-            return
+        generation = session.generation  # read before the reload, as a rule
+        if generation is None:
+            try:
+                generation = session.snapshot().generation
+            except ServiceError:
+                session.close()
+                return
         if generation in self.ledger.draining() and generation not in self.held:
             self.held[generation] = session
         else:

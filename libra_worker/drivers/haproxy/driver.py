@@ -133,12 +133,10 @@ class HAProxyDriver:
                                           limit=MAX_RUNTIME_COMMANDS) if was_running else None
         if runtime is not None and len(runtime) > MAX_RUNTIME_COMMANDS:
             runtime = None  # a socat round trip each: past a few dozen, one reload is faster
+        reloading = was_running and runtime is None
         candidate = self.configs.stage(text)
         try:
-            self.configs.validate(candidate)
-            if was_running and runtime is None:
-                self.ledger.carry(self._snapshot_or_none())
-            had_live = self.configs.install(candidate)
+            had_live, held = self._install(candidate, reloading)
         finally:
             self.configs.discard(candidate)
         if runtime is not None and self._apply_at_runtime(runtime):
@@ -146,8 +144,8 @@ class HAProxyDriver:
         try:
             if was_running:
                 if runtime is not None:  # the runtime path gave up half-way
-                    self.ledger.carry(self._snapshot_or_none())
-                self._reload_holding_the_old_process()
+                    held = self._hold_old_process()
+                self._reload(held)
             else:
                 self.ledger.carry(None)
                 self.service.start()
@@ -156,9 +154,51 @@ class HAProxyDriver:
             raise CommandFailed(f"{error} (previous configuration restored)") from None
         return "reload"
 
-    def _reload_holding_the_old_process(self):
-        """Reload with a stats session open on the old process, so its last bytes are read."""
+    def _install(self, candidate, reloading):
+        """Check the candidate and swap it in → (had a live file, HeldSession or None).
+
+        `haproxy -c` is the long step, and it runs in a process of its own:
+        meanwhile the worker backs up, stages and, before a reload, opens its
+        session on the old process, none of which changes what HAProxy serves.
+        """
+        check = self.configs.start_check(candidate)
+        held = None
+        try:
+            had_live = self.configs.prepare(candidate)
+            if reloading:  # last: a process a reload just started answers only once it is ready
+                held = self.stats_socket.hold()
+            try:
+                check.verdict()
+            except JobError:
+                self.configs.unstage()
+                raise
+            if reloading:
+                self._carry_before_reload(held)
+            self.configs.commit()
+        except BaseException:
+            check.abandon()
+            if held is not None:
+                held.close()
+            raise
+        return had_live, held
+
+    def _hold_old_process(self):
+        """A stats session on the process serving now, its counters carried (just before a reload)."""
         held = self.stats_socket.hold()
+        self._carry_before_reload(held)
+        return held
+
+    def _carry_before_reload(self, held):
+        reading = None
+        if held is not None:
+            try:
+                reading = held.snapshot()
+            except ServiceError as error:
+                LOG.info("the held stats session gave no counters: %s", error)
+        self.ledger.carry(reading if reading is not None else self._snapshot_or_none())
+
+    def _reload(self, held):
+        """Reload; `held` keeps the old process alive until its last bytes are read."""
         try:
             self.service.reload()
         except JobError:

@@ -175,6 +175,7 @@ class HeldSession:
     def __init__(self, process):
         self.process = process
         self.pending = b""
+        self.generation = None  # of the process it is attached to, once read
 
     def ask(self, command, timeout=5.0):
         """One command → its answer (without the prompt); ServiceError when the session is gone."""
@@ -202,7 +203,9 @@ class HeldSession:
 
     def snapshot(self):
         """A reading of the process this session is attached to."""
-        return parse(self.ask(FRONTENDS_QUERY.strip()) + "\n")
+        reading = parse(self.ask(FRONTENDS_QUERY.strip()) + "\n")
+        self.generation = reading.generation
+        return reading
 
     def close(self):
         for stream in (self.process.stdin, self.process.stdout):
