@@ -1,5 +1,6 @@
 """libra_worker.models: JSON of an UPDATE → typed load balancers or BadRequest."""
 import copy
+import ipaddress
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -342,6 +343,23 @@ def test_node_id_forms(value, expected):
 def test_address_forms(address, expected):
     (lb,) = parse_update(with_node(address=address))
     assert lb.nodes[0].address == expected
+
+
+@given(st.integers(0, 2 ** 32 - 1), st.booleans())
+def test_ipv4_addresses_come_out_as_ipaddress_writes_them(number, zero_padded):
+    """The canonical dotted quad is taken as it is; any other spelling is ipaddress's call."""
+    canonical = str(ipaddress.IPv4Address(number))
+    text = ".".join(f"{int(octet):03d}" for octet in canonical.split(".")) if zero_padded else canonical
+    try:
+        expected = str(ipaddress.IPv4Address(text))
+    except ValueError:
+        expected = None
+    try:
+        (lb,) = parse_update(with_node(address=text))
+    except BadRequest:
+        assert expected is None, text
+    else:
+        assert lb.nodes[0].address == expected == canonical, text
 
 
 def test_null_monitor_and_options_mean_none_and_defaults():
