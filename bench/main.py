@@ -48,9 +48,9 @@ class Plan:
         self.tput_rounds = 1 if quick else 3
         self.tput_seconds = 1.0 if quick else 2.0
         self.rss_jobs = 2_000 if quick else 10_000
-        self.update_rounds = {10: 3, 1_000: 2, 10_000: 1} if quick else {10: 10, 1_000: 10, 10_000: 4}
+        self.update_rounds = {10: 3, 1_000: 2, 10_000: 1} if quick else {10: 12, 1_000: 16, 10_000: 4}
         # UPDATEs that change only weights: the worker may use the runtime API (100: its batch size)
-        self.weights_rounds = {10: 2, 100: 2, 1_000: 1} if quick else {10: 6, 100: 6, 1_000: 8, 10_000: 2}
+        self.weights_rounds = {10: 2, 100: 2, 1_000: 1} if quick else {10: 6, 100: 6, 1_000: 12, 10_000: 2}
 
 
 def median(values):

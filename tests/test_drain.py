@@ -31,6 +31,22 @@ def test_bytes_an_old_process_sends_after_the_reload_are_carried_once(tmp_path):
     assert http_total(ledger.report(reading(11, 40))) == 100
 
 
+def test_the_last_reading_of_an_old_process_is_carried_and_ends_its_draining(tmp_path):
+    path = str(tmp_path / "stats")
+    ledger = Ledger(path)
+    ledger.report(reading(10, 0))
+    ledger.carry(reading(10, 500))
+    ledger.drain(reading(10, 700), last=True)
+    assert ledger.draining() == {}
+    assert Ledger(path).draining() == {}               # written down, too
+    ledger.drain(reading(10, 900))                     # no longer followed
+    assert http_total(ledger.report(reading(11, 0))) == 700
+
+    ledger.carry(reading(11, 50))
+    ledger.drain(reading(11, 50), last=True)           # nothing new, still the end of it
+    assert Ledger(path).draining() == {}
+
+
 def test_draining_survives_a_worker_restart(tmp_path):
     path = str(tmp_path / "stats")
     ledger = Ledger(path)

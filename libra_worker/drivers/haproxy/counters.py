@@ -230,8 +230,12 @@ class Ledger:
         with self.lock:
             return dict(self.state["draining"])
 
-    def drain(self, snapshot):
-        """A reading of a draining old process: carry what it sent since the last one."""
+    def drain(self, snapshot, last=False):
+        """A reading of a draining old process: carry what it sent since the last one.
+
+        `last`: the process has no client connection left, so this reading is
+        its final count and it is followed no further (one write for both).
+        """
         with self.lock:
             accounted = self.state["draining"].get(snapshot.generation)
             if accounted is None:
@@ -239,13 +243,15 @@ class Ledger:
             counters = _protocol_counts(snapshot)
             grown = {protocol: count - accounted.get(protocol, 0)
                      for protocol, count in counters.items() if count > accounted.get(protocol, 0)}
-            if not grown:
-                return
-            carried = self.state["carried"]
-            for protocol, count in grown.items():
-                carried[protocol] = carried.get(protocol, 0) + count
-            self.state["draining"][snapshot.generation] = {**accounted, **counters}
-            self.save()
+            if grown:
+                carried = self.state["carried"]
+                for protocol, count in grown.items():
+                    carried[protocol] = carried.get(protocol, 0) + count
+                self.state["draining"][snapshot.generation] = {**accounted, **counters}
+            if last:
+                del self.state["draining"][snapshot.generation]
+            if grown or last:
+                self.save()
 
     def drained(self, generation):
         """The old process exited: nothing more to follow."""

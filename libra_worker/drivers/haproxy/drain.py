@@ -78,10 +78,9 @@ class DrainFollower:
         """Read every draining process once; forget those that are gone."""
         for generation, session in list(self.held.items()):
             self._follow_held(generation, session)
-        current = self.service.worker_pid()
-        for generation in self.ledger.draining():
-            if generation in self.held:
-                continue
+        unheld = [generation for generation in self.ledger.draining() if generation not in self.held]
+        current = self.service.worker_pid() if unheld else None
+        for generation in unheld:
             pid = int(generation.split("@", 1)[0])
             if pid == current:  # the reload did not replace it: it is counted as current
                 self.ledger.drained(generation)
@@ -103,11 +102,12 @@ class DrainFollower:
         except ServiceError as error:  # hard-stop-after ended it, or HAProxy was killed
             LOG.info("lost the held session to HAProxy %s: %s", generation, error)
             snapshot = None
+        last = snapshot is None or snapshot.generation != generation or snapshot.connections == 0
         if snapshot is not None and snapshot.generation == generation:
-            self.ledger.drain(snapshot)
-            if snapshot.connections > 0:
-                return
+            self.ledger.drain(snapshot, last=last)
+        if not last:
+            return
         # Its last client connection is counted: let it exit.
         session.close()
         del self.held[generation]
-        self.ledger.drained(generation)
+        self.ledger.drained(generation)  # a no-op when the last reading already said so
