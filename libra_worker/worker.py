@@ -16,8 +16,13 @@ except (OSError, AttributeError):
     _MALLOC_TRIM = None
 
 
+# A job whose request and reply together are smaller than this frees too little to
+# hand back; malloc_trim() walks the whole heap (~10 µs, a fifth of a DISCOVER's cost).
+TRIM_AFTER_BYTES = 64 * 1024
+
+
 def release_memory():
-    """After a job: give back what a large UPDATE or STATS freed (a few µs when nothing was)."""
+    """After a large job: give back what it freed (the pages of a 10,000-node UPDATE)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -71,18 +76,22 @@ class JobLoop:
         started = time.monotonic()
         self.in_job = True
         link = job.connection.conn  # gear reconnects in place: a new socket is a new job server
+        handled = len(job.arguments)
         try:
             result = self.controller.handle(job.arguments)
             try:
                 if job.connection.conn is not link:
                     raise ConnectionError("the job server restarted during the job")
-                job.sendWorkComplete(result.reply_bytes)
+                reply = result.reply_bytes
+                handled += len(reply)
+                job.sendWorkComplete(reply)
                 sent = ""
             except Exception as error:  # the job server went away; gearmand re-queues the job
                 sent = f" (reply not delivered: {error})"
         finally:
             self.in_job = False
-            release_memory()
+            if handled >= TRIM_AFTER_BYTES:
+                release_memory()
         handle = _printable((job.unique or job.handle or b"?").decode("utf-8", "replace"))
         reason = f": {result.error}" if result.error else ""
         note = f" ({result.note})" if result.note else ""
