@@ -87,6 +87,19 @@ def _status_kb(pid, field):
     raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
+def set_cpus(pid, cpus):
+    """Run every thread of `pid` on `cpus` only (threads started later inherit it)."""
+    try:
+        threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # the thread ended meanwhile
+            pass
+
+
 def signal_and_wait(pid, timeout=5.0):
     """SIGTERM, then SIGKILL, one pid."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
