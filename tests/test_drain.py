@@ -1,10 +1,10 @@
 """The ledger's accounting of old HAProxy processes still draining after a reload."""
 from libra_worker.drivers.haproxy.counters import Ledger
-from libra_worker.drivers.haproxy.query import Snapshot
+from libra_worker.drivers.haproxy.query import Snapshot, StatRow
 
 
 def reading(pid, http_bytes, started=1000):
-    rows = ({"pxname": "http", "svname": "FRONTEND", "status": "OPEN", "bout": str(http_bytes)},)
+    rows = (StatRow("http", "FRONTEND", "OPEN", str(http_bytes)),)
     return Snapshot(pid=pid, started=started, rows=rows)
 
 

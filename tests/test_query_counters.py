@@ -19,7 +19,7 @@ import pytest
 from libra_worker.drivers.haproxy import counters, query
 from libra_worker.drivers.haproxy.commands import Commands
 from libra_worker.drivers.haproxy.counters import Ledger
-from libra_worker.drivers.haproxy.query import Snapshot, StatsSocket, node_status, parse
+from libra_worker.drivers.haproxy.query import Snapshot, StatRow, StatsSocket, node_status, parse
 from libra_worker.errors import ServiceError
 from support.backends import HttpBackend
 from support.metrics_helpers import FakeStatsSocket
@@ -223,8 +223,7 @@ def snap(pid, http=None, tcp=None, started=1000):
     rows = []
     for frontend, count in (("http", http), ("tcp", tcp)):
         if count is not None:
-            rows.append({"pxname": frontend, "svname": "FRONTEND", "status": "OPEN",
-                         "bout": str(count)})
+            rows.append(StatRow(frontend, "FRONTEND", "OPEN", str(count)))
     return Snapshot(pid=pid, started=started, rows=tuple(rows))
 
 

@@ -96,19 +96,24 @@ def _check(lb):
     }
 
 
-def _server(node):
-    return {
-        "id": _word(node.id, "node id"),
-        "address": _word(node.address, "node address"),
-        "ipv6": ":" in node.address,
-        "port": _number(node.port, "node port"),
-        "weight": _number(node.weight, "node weight"),
-        "backup": node.backup is True,
-        "enabled": node.enabled is True,
-    }
+def _checked(node):
+    """The node itself, once each of its values is known to be one word or number.
+
+    The templates read the Node tuples as they are: a dict per server would
+    be 10,000 more objects per 10,000-node UPDATE, and the memory they
+    scatter is not handed back.
+    """
+    _word(node.id, "node id")
+    _word(node.address, "node address")
+    _number(node.port, "node port")
+    _number(node.weight, "node weight")
+    if type(node.backup) is not bool or type(node.enabled) is not bool:
+        raise ValueError(f"node {node.id}: backup and enabled must be true or false")
+    return node
 
 
-def _proxy(lb):
+def _proxy_settings(lb):
+    """Everything the templates say about a load balancer but its servers."""
     options = lb.options
     return {
         "protocol": lb.protocol,
@@ -122,8 +127,11 @@ def _proxy(lb):
         "connect_timeout": _number(options.connect_timeout, "connect_timeout"),
         "connect_retries": _number(options.connect_retries, "connect_retries"),
         "check": _check(lb),
-        "servers": [_server(node) for node in lb.nodes],
     }
+
+
+def _proxy(lb):
+    return {**_proxy_settings(lb), "servers": [_checked(node) for node in lb.nodes]}
 
 
 def render_config(load_balancers, settings, *, user=None, group=None) -> str:
@@ -211,30 +219,32 @@ def _runtime_commands(old_lbs, new_lbs, limit):
         old = by_protocol.get(new.protocol)
         if old is None or _frame(old) != _frame(new):
             return None
-        proxy = _proxy(new)
-        before = {server["id"]: server for server in _proxy(old)["servers"]}
-        after = {server["id"]: server for server in proxy["servers"]}
-        for node_id, server in after.items():
-            was = before.get(node_id)
+        proxy = _proxy_settings(new)
+        before = {node.id: node for node in old.nodes}
+        for node in new.nodes:
+            was = before.pop(node.id, None)
+            if was == node:  # the usual case, a tuple comparison
+                continue
+            _checked(node)
             if was is None:
                 if new.protocol == "HTTP":
                     return None
-                add("add_server", proxy, server)  # dynamic servers start in maintenance
-                add("enable_health", proxy, server)
-                if server["enabled"]:
-                    add("set_state", proxy, server, "ready")
+                add("add_server", proxy, node)  # dynamic servers start in maintenance
+                add("enable_health", proxy, node)
+                if node.enabled:
+                    add("set_state", proxy, node, "ready")
                 continue
-            if was["backup"] != server["backup"]:
+            if was.backup != node.backup:
                 return None
-            if was["enabled"] != server["enabled"]:
-                add("set_state", proxy, server, "ready" if server["enabled"] else "maint")
-            if (was["address"], was["port"]) != (server["address"], server["port"]):
-                if not _is_ip(server["address"]):
+            if was.enabled != node.enabled:
+                add("set_state", proxy, node, "ready" if node.enabled else "maint")
+            if (was.address, was.port) != (node.address, node.port):
+                if not _is_ip(node.address):
                     return None
-                add("set_addr", proxy, server)
-            if was["weight"] != server["weight"]:
-                add("set_weight", proxy, server)
-        for node_id in before.keys() - after.keys():
-            add("set_state", proxy, before[node_id], "maint")
-            add("del_server", proxy, before[node_id])
+                add("set_addr", proxy, node)
+            if was.weight != node.weight:
+                add("set_weight", proxy, node)
+        for gone in before.values():  # in the running config, not in the new one
+            add("set_state", proxy, gone, "maint")
+            add("del_server", proxy, gone)
     return commands
