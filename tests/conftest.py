@@ -90,12 +90,8 @@ def tcp_backend():
 def device(tmp_path):
     """A gearmand + libra_worker (sudo = true) + client in tmp_path; HAProxy stopped after."""
     from support.traffic import Device
-    dev = Device(tmp_path)
-    try:
-        dev.start()
+    with Device(tmp_path) as dev:
         yield dev
-    finally:
-        dev.stop()
 
 
 @pytest.fixture

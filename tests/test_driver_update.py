@@ -17,12 +17,8 @@ from support.traffic import (FAST_CONNECT_MONITOR, FAST_HTTP_MONITOR, Device, Re
 
 @pytest.fixture(scope="module")
 def device(tmp_path_factory):
-    dev = Device(tmp_path_factory.mktemp("upd"))
-    try:
-        dev.start()
+    with Device(tmp_path_factory.mktemp("upd")) as dev:
         yield dev
-    finally:
-        dev.stop()
 
 
 @pytest.fixture

@@ -249,9 +249,14 @@ def haproxy_processes(config_path):
 def socat_sessions(stats_socket):
     """Pids of the live socat processes connected (or connecting) to `stats_socket`."""
     target = os.fsencode(f"unix-connect:{stats_socket}")
-    return sorted(int(entry) for entry in os.listdir("/proc")
-                  if entry.isdigit() and target in _cmdline(int(entry))
-                  and os.path.basename(_cmdline(int(entry))[0]) == b"socat" and _ppid(int(entry)))
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        argv = _cmdline(int(entry))
+        if argv and os.path.basename(argv[0]) == b"socat" and target in argv and _ppid(int(entry)):
+            found.append(int(entry))
+    return sorted(found)
 
 
 def haproxy_masters(config_path):
@@ -428,7 +433,11 @@ class Device:
             self.gearmand.stop()
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a half-started device still stops what did start
+            self.stop()
+            raise
 
     def __exit__(self, *exc_info):
         self.stop()
