@@ -22,7 +22,7 @@ LOOPBACK = "127.0.0.1"
 PROJECT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 GEARMAND = "/usr/sbin/gearmand"
-HAPROXY = "/usr/sbin/haproxy"
+HAPROXY = os.environ.get("LIBRA_TEST_HAPROXY", "/usr/sbin/haproxy")
 SOCAT = "/usr/bin/socat"
 
 

@@ -22,7 +22,7 @@ from libra_worker.models import LoadBalancer, Monitor, Node, Options, parse_upda
 from libra_worker.settings import HaproxySettings
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "render")
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+HAPROXY = os.environ.get("LIBRA_TEST_HAPROXY") or shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 # The settings the expected files were rendered with.
 SETTINGS = HaproxySettings(pidfile="/run/libra-test/haproxy.pid",

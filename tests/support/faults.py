@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-HAPROXY = "/usr/sbin/haproxy"
+HAPROXY = os.environ.get("LIBRA_TEST_HAPROXY", "/usr/sbin/haproxy")
 
 
 # --------------------------------------------------------------------------

@@ -16,7 +16,9 @@ LIBRA_WORKER = VENV_BIN / "libra_worker"
 PYTHON = VENV_BIN / Path(sys.executable).name
 PROJECT = Path(__file__).resolve().parents[2]
 CLIENT_SCRIPT = PROJECT / "bin" / "client.py"
-HAPROXY = "/usr/sbin/haproxy"
+# The HAProxy under test: the distribution's, or the other supported series
+# built by scripts/build-haproxy (scripts/test runs the suite on both).
+HAPROXY = os.environ.get("LIBRA_TEST_HAPROXY", "/usr/sbin/haproxy")
 SOCAT = "/usr/bin/socat"
 
 
