@@ -36,7 +36,7 @@ from typing import Tuple
 import daemon
 import daemon.pidfile
 
-from libra_worker import logs
+from libra_worker import logs, safe_files
 from libra_worker.processes import pid_alive
 
 LOG = logging.getLogger(__name__)
@@ -195,8 +195,11 @@ def _is_worker(pid):
 def claim_pid_file(path):
     """The pid file if no live worker holds it; a stale one is removed (note returned)."""
     pidfile = daemon.pidfile.TimeoutPIDLockFile(path, acquire_timeout=0)
-    if not os.path.lexists(path):
-        return pidfile, None
+    try:
+        if not safe_files.check(path):  # a FIFO there would block read_pid() for ever
+            return pidfile, None
+    except safe_files.OddFile as error:
+        raise StartupError(f"--pid: {error}") from None
     pid = pidfile.read_pid()
     if pid is None:
         why = "no pid in it"
@@ -224,12 +227,14 @@ def prepare(settings, driver_preflight):
     for problem in driver_preflight(run_as.name):
         raise StartupError(problem)
     pidfile, note = claim_pid_file(settings.pid)
-    if settings.logfile and not os.path.exists(settings.logfile):
-        # Created now and owned by the run user, so the daemon keeps writing it.
-        with open(settings.logfile, "a"):
-            pass
-        if os.getuid() == 0:
-            os.chown(settings.logfile, run_as.uid, run_as.gid)
+    if settings.logfile:
+        # Created now (or checked) and owned by the run user, so the daemon keeps
+        # writing it: opened symlink-safe, chowned on the descriptor, never by path.
+        owner = (run_as.uid, run_as.gid) if os.getuid() == 0 else None
+        try:
+            os.close(safe_files.open_append(settings.logfile, logs.LOG_MODE, owner))
+        except safe_files.OddFile as error:
+            raise StartupError(f"--logfile: {error}") from None
     return run_as, pidfile, [note] if note else []
 
 

@@ -1,8 +1,11 @@
 """Logging set-up: file (reopened after logrotate), syslog, stderr; secrets masked."""
 import logging
 import logging.handlers
+import os
 import re
 import sys
+
+from libra_worker import safe_files
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SYSLOG_FORMAT = "libra_worker[%(process)d]: %(levelname)s %(name)s: %(message)s"
@@ -22,6 +25,60 @@ class SecretFilter(logging.Filter):
         return True
 
 
+LOG_MODE = 0o640
+
+
+class SafeFileHandler(logging.StreamHandler):
+    """A log file opened symlink-safe (O_NOFOLLOW, fstat-checked, never a FIFO).
+
+    Like logging's WatchedFileHandler it starts a new file when the path
+    names another file or none (logrotate); a link or FIFO planted there is
+    refused and the handler keeps writing the file it has.
+    """
+
+    def __init__(self, path, owner=None):
+        self.baseFilename = os.path.abspath(path)
+        self._identity = None
+        super().__init__(self._open_stream(owner))
+
+    def _open_stream(self, owner=None):
+        fd = safe_files.open_append(self.baseFilename, LOG_MODE, owner)
+        info = os.fstat(fd)
+        self._identity = (info.st_dev, info.st_ino)
+        return os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+    def reopenIfNeeded(self):
+        try:
+            info = os.lstat(self.baseFilename)
+            current = (info.st_dev, info.st_ino)
+        except OSError:
+            current = None
+        if current == self._identity:
+            return
+        try:
+            stream = self._open_stream()
+        except OSError as error:
+            print(f"libra_worker: cannot reopen the log: {error}", file=sys.stderr)
+            self._identity = current  # said once per change of the path, not per line
+            return
+        old = self.setStream(stream)
+        if old is not None:
+            old.close()
+
+    def emit(self, record):
+        self.reopenIfNeeded()
+        super().emit(record)
+
+    def close(self):
+        with self.lock:
+            try:
+                if self.stream is not None:
+                    self.stream.close()
+            finally:
+                self.stream = None
+                super().close()
+
+
 def setup(settings):
     """Install the handlers the settings ask for; returns the file handler or None."""
     root = logging.getLogger()
@@ -34,8 +91,8 @@ def setup(settings):
     handlers = []
     file_handler = None
     if settings.logfile:
-        # WatchedFileHandler reopens the path when logrotate moved the file.
-        file_handler = logging.handlers.WatchedFileHandler(settings.logfile)
+        # Reopens the path when logrotate moved the file; never follows a link there.
+        file_handler = SafeFileHandler(settings.logfile)
         file_handler.setFormatter(logging.Formatter(FORMAT))
         handlers.append(file_handler)
     if settings.syslog:

@@ -51,6 +51,10 @@ def main(argv=None):
         from libra_worker import preflight
         return preflight.main(settings)
     if settings.nodaemon:
+        from libra_worker import preflight
+        for problem in preflight.file_problems(settings):  # never waited on: refused at once
+            print(f"libra_worker: {problem}", file=sys.stderr)
+            return 1
         try:
             file_handler = logs.setup(settings)
         except OSError as error:

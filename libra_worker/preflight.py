@@ -9,11 +9,10 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from libra_worker import diagnostics
+from libra_worker import diagnostics, safe_files
 from libra_worker.drivers.haproxy import counters
 from libra_worker.drivers.haproxy.commands import SUDO
-from libra_worker.drivers.haproxy.commands import SERVICE
-from libra_worker.drivers.haproxy.driver import privileged_commands
+from libra_worker.drivers.haproxy.driver import privileged_argvs
 
 
 @dataclass
@@ -56,15 +55,39 @@ def _writable_dir(name, path, option):
 
 
 def sudo_checks(settings):
-    """The argv lists `sudo -n` must allow.  A sudoers rule for `service`
-    names its arguments, so that one is checked with them."""
-    checks = []
-    for command in privileged_commands(settings):
-        if command == SERVICE:
-            checks.extend([SERVICE, "haproxy", action] for action in ("start", "stop", "reload"))
-        else:
-            checks.append([command])
-    return checks
+    """The argv lists `sudo -n` must allow, with their exact arguments (the sudoers rules)."""
+    return privileged_argvs(settings)
+
+
+def worker_files(settings):
+    """(option, path) of every file the worker writes or reads back: each must be a
+    regular file or nothing (a link, FIFO, socket or directory there is refused)."""
+    haproxy = settings.haproxy
+    files = [("--logfile", settings.logfile)] if settings.logfile else []
+    if not settings.nodaemon:
+        files.append(("--pid", settings.pid))
+    files += [("[worker:haproxy] config", haproxy.config),
+              ("[worker:haproxy] config", f"{haproxy.config}.NEW"),
+              ("[worker:haproxy] config", f"{haproxy.config}.BKUP"),
+              ("[worker:haproxy] statsfile", haproxy.statsfile)]
+    if haproxy.service == "process":
+        files += [("[worker:haproxy] logfile", haproxy.logfile),
+                  ("[worker:haproxy] pidfile", haproxy.pidfile),
+                  ("[worker:haproxy] master_socket", f"{haproxy.master_socket}.log")]
+    return files
+
+
+def file_problems(settings):
+    """One line per worker path that holds something odd (lstat only: nothing opened, never waits)."""
+    problems = []
+    for option, path in worker_files(settings):
+        try:
+            safe_files.check(path)
+        except safe_files.OddFile as error:
+            problems.append(f"{option}: {error}")
+        except OSError as error:
+            problems.append(f"{option}: {path}: {error.strerror}")
+    return problems
 
 
 def _sudo(command, user):
@@ -85,7 +108,8 @@ def start_problems(settings, user):
     checks = [_program("haproxy", haproxy.haproxy, "-v"), _program("socat", haproxy.socat, "-V")]
     if haproxy.sudo:
         checks.extend(_sudo(argv, user) for argv in sudo_checks(haproxy))
-    return [f"[worker:haproxy] {check.name}: {check.detail}" for check in checks if not check.ok]
+    return file_problems(settings) + [f"[worker:haproxy] {check.name}: {check.detail}"
+                                      for check in checks if not check.ok]
 
 
 def _bind_address(address):
@@ -100,14 +124,17 @@ def _bind_address(address):
 
 
 def _statsfile(path):
-    if not os.path.exists(path):
+    try:
+        present = safe_files.check(path)
+    except safe_files.OddFile as error:
+        return Check("statsfile", False, str(error), f"remove it: the worker writes {path} itself")
+    if not present:
         return Check("statsfile", True, f"{path} will be created")
     if not os.access(path, os.R_OK | os.W_OK):
         return Check("statsfile", False, f"{path} is not readable and writable",
                      "chown it to the worker's user, mode 0600")
     try:
-        with open(path, encoding="utf-8") as stream:
-            ledger_ok = counters.valid_state(json.load(stream))
+        ledger_ok = counters.valid_state(json.loads(safe_files.read_bytes(path) or b"null"))
     except (OSError, ValueError):
         ledger_ok = False
     return Check("statsfile", ledger_ok, f"{path} {'readable' if ledger_ok else 'is corrupt'}",
@@ -132,6 +159,10 @@ def run_checks(settings, user=None):
         checks.append(_writable_dir("log file", settings.logfile, "--logfile"))
     checks.append(_writable_dir("statsfile directory", haproxy.statsfile, "[worker:haproxy] statsfile"))
     checks.append(_statsfile(haproxy.statsfile))
+    odd = [line for line in file_problems(settings) if not line.startswith("[worker:haproxy] statsfile")]
+    checks.append(Check("worker files", not odd, " ; ".join(odd) or "no link, FIFO, socket or "
+                        "directory at the worker's file paths", "remove what is there: the worker "
+                        "creates its files itself"))
     config_dir = os.path.dirname(haproxy.config)
     checks.append(Check("config directory", os.path.isdir(config_dir),
                         config_dir if os.path.isdir(config_dir) else f"{config_dir} does not exist",

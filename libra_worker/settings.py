@@ -38,19 +38,24 @@ class GearmanSettings:
 
 @dataclass(frozen=True)
 class HaproxySettings:
-    service: str = "system"
+    # process: no sudo, the worker runs HAProxy itself in its own directories.
+    service: str = "process"
     haproxy: str = "/usr/sbin/haproxy"
     socat: str = "/usr/bin/socat"
-    config: str = "/etc/haproxy/haproxy.cfg"
-    pidfile: str = "/var/run/haproxy.pid"
-    stats_socket: str = "/var/run/haproxy-stats.socket"
-    master_socket: str = "/var/run/haproxy-master.socket"
+    config: str = "/var/lib/libra/haproxy/haproxy.cfg"  # the worker's, never the haproxy package's
+    pidfile: str = "/run/libra/haproxy.pid"
+    stats_socket: str = "/run/libra/haproxy-stats.sock"
+    master_socket: str = "/run/libra/haproxy-master.sock"
     statsfile: str = "/var/lib/libra/haproxy.stats"
-    logfile: str = "/var/log/haproxy.log"
-    log_target: str = "/dev/log"
+    logfile: str = "/var/log/libra/haproxy.log"
+    log_target: str = "/run/libra/haproxy-log.sock"
     bind_address: str = "0.0.0.0"
-    sudo: bool = True
+    sudo: bool = False
     job_timeout: float = 60.0
+    # service = system only: HAProxy starts as root and drops to these, in the chroot.
+    user: str = "haproxy"
+    group: str = "haproxy"
+    chroot: str = "/var/lib/haproxy"
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,7 @@ def _haproxy(ini):
         raise ConfigError("[worker:haproxy] service", service, "must be 'system' or 'process'")
     paths = {}
     for key in ("haproxy", "socat", "config", "pidfile", "stats_socket", "master_socket",
-                "statsfile", "logfile", "log_target"):
+                "statsfile", "logfile", "log_target", "user", "group", "chroot"):
         value = raw.get(key, getattr(defaults, key)).strip()
         if not value:
             raise ConfigError(f"[worker:haproxy] {key}", value, "must not be empty")
@@ -219,7 +224,7 @@ def _haproxy(ini):
             # These go into the HAProxy config or onto command lines as one word.
             raise ConfigError(f"[worker:haproxy] {key}", value,
                               "must be one word without spaces, '#', quotes, '\\' or braces")
-    for key in ("config", "pidfile", "stats_socket", "master_socket", "statsfile", "logfile"):
+    for key in ("config", "pidfile", "stats_socket", "master_socket", "statsfile", "logfile", "chroot"):
         if not os.path.isabs(paths[key]):
             raise ConfigError(f"[worker:haproxy] {key}", paths[key], "must be an absolute path")
     bind_address = raw.get("bind_address", defaults.bind_address).strip()
@@ -229,7 +234,7 @@ def _haproxy(ini):
         raise ConfigError("[worker:haproxy] bind_address", bind_address, "not an IP address") from None
     return HaproxySettings(
         service=service, bind_address=bind_address,
-        sudo=parse_bool("[worker:haproxy] sudo", raw.get("sudo", "true")),
+        sudo=parse_bool("[worker:haproxy] sudo", raw.get("sudo", "false")),
         job_timeout=parse_float("[worker:haproxy] job_timeout", raw.get("job_timeout", 60), 1, 3600),
         **paths)
 

@@ -515,17 +515,31 @@ def _socat_missing(device):
     return "socat", str(missing)
 
 
-def _sudo_not_allowed(device):
-    # A socat no sudoers file names (even with the package's sudoers installed).
-    private_socat = device.root / "socat"
-    shutil.copy(SOCAT, private_socat)
-    device.set("worker:haproxy", "sudo", "true").set("worker:haproxy", "socat", private_socat)
-    return "sudo", RUN_USER
+def _fifo_statsfile(device):
+    # Never waited on (a plain open() of a FIFO blocks until a writer comes).
+    fifo = device.haproxy_dir / "haproxy.stats"
+    device.set("worker:haproxy", "statsfile", fifo)
+    os.mkfifo(fifo)
+    return "statsfile", f"{fifo} is a FIFO"
+
+
+def _fifo_pid_file(device):
+    os.mkfifo(device.pidfile)
+    return "--pid", f"{device.pidfile} is a FIFO"
+
+
+def _symlink_log_file(device):
+    # To a file the run user may write: only the link itself is wrong.
+    canary = device.log_dir / "canary"
+    canary.write_text("canary\n")
+    device.give_to_run_user(canary)
+    os.symlink(canary, device.logfile)
+    return "--logfile", f"{device.logfile} is a symbolic link"
 
 
 REFUSALS = [_pid_dir_missing, _pid_dir_not_writable, _log_dir_missing, _log_dir_not_writable,
             _log_file_not_writable, _unknown_user, _unknown_group, _unreadable_config,
-            _haproxy_missing, _socat_missing, _sudo_not_allowed]
+            _haproxy_missing, _socat_missing, _fifo_statsfile, _fifo_pid_file, _symlink_log_file]
 
 
 @pytest.mark.parametrize("breakage", REFUSALS, ids=[f.__name__.strip("_") for f in REFUSALS])
@@ -537,7 +551,7 @@ def test_never_a_silent_exit(device, breakage):
     line = one_line(result.stderr)
     assert option in line and named in line, line
     assert seconds < START_SECONDS
-    assert not device.pidfile.exists()
+    assert not device.pidfile.exists() or stat.S_ISFIFO(os.lstat(device.pidfile).st_mode)
     assert processes_naming(str(device.config)) == [], "a daemon was left running"
 
 

@@ -1,8 +1,10 @@
 """The one place that starts processes: argument lists, never a shell.
 
-Commands that need root go through `privileged()`, which prefixes
-`sudo -n` when `[worker:haproxy] sudo = true`.  Every privileged command
-uses an absolute path, so the sudoers file can list exactly these.
+Only `service = system` runs anything as root: `service haproxy
+start|stop|reload`, through `privileged()`, which prefixes `sudo -n` when
+`[worker:haproxy] sudo = true`; the sudoers file lists exactly those argv.
+Files are never copied, moved or removed through root: the worker writes
+its own (libra_worker.safe_files).
 """
 import collections
 import logging
@@ -10,14 +12,12 @@ import os
 import subprocess
 import time
 
+from libra_worker import safe_files
 from libra_worker.errors import CommandFailed
 
 LOG = logging.getLogger(__name__)
 
 SUDO = "/usr/bin/sudo"
-CP = "/bin/cp"
-MV = "/bin/mv"
-RM = "/bin/rm"
 SERVICE = "/usr/sbin/service"
 DEFAULT_TIMEOUT = 30.0
 
@@ -54,19 +54,25 @@ class Commands:
     def spawn(self, argv, output_path):
         """Start a long-lived process in its own session, output appended to a file."""
         try:
-            with open(output_path, "ab") as output:
-                return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-                                        close_fds=True, start_new_session=True)
+            output = safe_files.open_append(output_path, 0o600)
+        except safe_files.OddFile as error:
+            raise CommandFailed(str(error)) from None
+        except OSError as error:
+            raise CommandFailed(f"cannot open {output_path}: {error.strerror}") from None
+        try:
+            # Its own session and process group: a signal to the worker's group
+            # (a terminal's ^C, a restart) never reaches HAProxy.
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                                    close_fds=True, start_new_session=True)
         except FileNotFoundError:
             raise CommandFailed(f"{argv[0]} not found") from None
         except OSError as error:
             raise CommandFailed(f"cannot start {argv[0]}: {error}") from None
+        finally:
+            os.close(output)
 
-    def open_pipe(self, argv, privileged=False):
+    def open_pipe(self, argv):
         """Start a command to talk to through its stdin and stdout (binary, unbuffered)."""
-        if privileged:
-            self.privileged_log.append(list(argv))
-            argv = [SUDO, "-n", *argv] if self.sudo else list(argv)
         try:
             return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL, close_fds=True, bufsize=0)
@@ -79,20 +85,6 @@ class Commands:
         LOG.debug("privileged: %s", " ".join(argv))
         return self.run([SUDO, "-n", *argv] if self.sudo else list(argv),
                         stdin=stdin, timeout=timeout, check=check)
-
-    # The file operations of the swap, each one command.
-    def copy(self, source, target):
-        self.privileged([CP, "--", source, target])
-
-    def move(self, source, target):
-        self.privileged([MV, "-f", "--", source, target])
-
-    def remove(self, *paths):
-        self.privileged([RM, "-f", "--", *paths])
-
-    def remove_quietly(self, *paths):
-        """rm -f for clean-up after a failure: its own failure would hide the first one."""
-        self.privileged([RM, "-f", "--", *paths], check=False)
 
     def service(self, name, action):
         self.privileged([SERVICE, name, action])

@@ -2,12 +2,17 @@
 
 The live file only ever changes by rename within its own directory, so it
 is the old file or the new file at every instant, never a partial one.
+Every file here is written by the worker itself (it owns the directory, in
+both service modes: no cp/mv/rm through sudo), symlink-safe: see
+libra_worker.safe_files.  A link, FIFO or directory planted at the config,
+its `.NEW` or its `.BKUP` is refused with one line naming it.
 """
 import os
 import re
 import shutil
 import tempfile
 
+from libra_worker import safe_files
 from libra_worker.errors import CommandFailed
 
 CONFIG_MODE = 0o644  # HAProxy (root in system mode, the worker in process mode) reads it
@@ -23,6 +28,14 @@ def haproxy_alerts(output, candidate=None):
     return " | ".join(lines) or output.strip().replace("\n", " | ")
 
 
+def _failed(what, error):
+    """An OSError of a file step → the job's CommandFailed, naming the file."""
+    if isinstance(error, safe_files.OddFile):
+        return CommandFailed(str(error))
+    where = f" {error.filename}" if error.filename else " the configuration"
+    return CommandFailed(f"cannot {what}{where}: {error.strerror or error}")
+
+
 class ConfigStore:
     def __init__(self, settings, commands):
         self.settings = settings
@@ -30,16 +43,25 @@ class ConfigStore:
         self.path = settings.config
         self.backup_path = f"{settings.config}.BKUP"
         self.staging_path = f"{settings.config}.NEW"
+        self.paths = (self.path, self.backup_path, self.staging_path)
         self.workdir = tempfile.mkdtemp(prefix="libra_worker-")  # mode 0700
 
+    def check_paths(self):
+        """OddFile for the first of the worker's config paths that holds something odd (lstat only)."""
+        for path in self.paths:
+            safe_files.check(path)
+
     def exists(self):
-        return os.path.exists(self.path)
+        """Is there a live file?  OddFile (a JobError's cause) when something odd is there."""
+        try:
+            return safe_files.check(self.path)
+        except safe_files.OddFile as error:
+            raise CommandFailed(str(error)) from None
 
     def holds(self, text):
         """Is `text` exactly the live configuration?"""
         try:
-            with open(self.path, "rb") as stream:
-                return stream.read() == text.encode("utf-8")
+            return safe_files.read_bytes(self.path) == text.encode("utf-8")
         except OSError:
             return False
 
@@ -69,39 +91,47 @@ class ConfigStore:
         """Back up the live file and stage the candidate beside it. True if there was a live one.
 
         Neither changes what HAProxy reads, so both may run before the check's verdict.
+        A write that fails (disk full) leaves the old file of that name, never a truncated one.
         """
-        had_live = self.exists()
-        if had_live:
-            self._copy_whole(self.path, self.backup_path)
-        self._copy_whole(candidate, self.staging_path)
+        try:
+            had_live = safe_files.copy_atomic(self.path, self.backup_path, CONFIG_MODE, durable=False)
+            safe_files.copy_atomic(candidate, self.staging_path, CONFIG_MODE)
+        except OSError as error:
+            raise _failed("write", error) from None
         return had_live
 
     def commit(self):
         """Rename the staged candidate into place: the one step that changes the live file."""
-        self.commands.move(self.staging_path, self.path)
+        try:
+            safe_files.rename(self.staging_path, self.path)
+            safe_files.sync_directory(os.path.dirname(self.path) or ".")
+        except OSError as error:
+            raise _failed("install", error) from None
 
     def unstage(self):
-        """A rejected candidate's staged copy goes."""
-        self.commands.remove_quietly(self.staging_path)
-
-    def _copy_whole(self, source, target):
-        """cp, or no target at all: a cp that fails (disk full) leaves a truncated file."""
+        """A rejected candidate's staged copy goes (quietly: its failure would hide the first one)."""
         try:
-            self.commands.copy(source, target)
-        except CommandFailed:
-            self.commands.remove_quietly(target)
-            raise
+            safe_files.unlink(self.staging_path)
+        except OSError:
+            pass
 
     def restore(self, had_live):
-        """Put back what install() replaced (or remove the file it created)."""
-        if had_live:
-            self.commands.copy(self.backup_path, self.staging_path)
-            self.commands.move(self.staging_path, self.path)
-        else:
-            self.commands.remove(self.path)
+        """Put back what commit() replaced (or remove the file it created)."""
+        try:
+            if had_live:
+                if not safe_files.copy_atomic(self.backup_path, self.path, CONFIG_MODE):
+                    raise CommandFailed(f"the backup {self.backup_path} is gone")
+            else:
+                safe_files.unlink(self.path)
+        except OSError as error:
+            raise _failed("restore", error) from None
 
     def remove_all(self):
-        self.commands.remove(self.path, self.backup_path, self.staging_path)
+        try:
+            for path in self.paths:
+                safe_files.unlink(path)
+        except OSError as error:
+            raise _failed("remove", error) from None
 
     def close(self):
         shutil.rmtree(self.workdir, ignore_errors=True)

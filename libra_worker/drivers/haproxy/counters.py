@@ -17,11 +17,12 @@ import datetime
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
+
+from libra_worker import safe_files
 
 LOG = logging.getLogger(__name__)
 
@@ -92,10 +93,12 @@ class Ledger:
     # -- persistence --------------------------------------------------------
     def _load(self):
         try:
-            with open(self.path, encoding="utf-8") as stream:
-                state = json.load(stream)
-        except FileNotFoundError:
-            return _fresh()
+            data = safe_files.read_bytes(self.path)  # OddFile (a FIFO, a link...) is raised: refused
+            if data is None:
+                return _fresh()
+            state = json.loads(data)
+        except safe_files.OddFile:
+            raise
         except (OSError, ValueError, RecursionError) as error:
             return self._set_aside(f"unreadable ({type(error).__name__}: {error})")
         if not valid_state(state):
@@ -125,24 +128,8 @@ class Ledger:
 
     def save(self):
         """Atomic write: temp file in the same directory, fsync, rename."""
-        directory = os.path.dirname(self.path)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd, temp_path = tempfile.mkstemp(prefix=".statsfile-", dir=directory)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as stream:
-                    json.dump(self.state, stream)
-                    stream.flush()
-                    os.fsync(stream.fileno())
-                os.replace(temp_path, self.path)
-            except BaseException:
-                os.unlink(temp_path)
-                raise
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            safe_files.write_atomic(self.path, json.dumps(self.state).encode(), 0o600, make_dir=0o700)
         except OSError as error:
             # Counting goes on in memory; the next save may succeed.
             LOG.error("cannot write statsfile %s: %s", self.path, error)

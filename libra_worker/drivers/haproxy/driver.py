@@ -9,7 +9,8 @@ import threading
 
 from libra_worker.drivers.haproxy import archive, logsink, render
 from libra_worker.drivers.haproxy.drain import DrainFollower
-from libra_worker.drivers.haproxy.commands import CP, MV, RM, SERVICE, Commands
+from libra_worker import safe_files
+from libra_worker.drivers.haproxy.commands import SERVICE, Commands
 from libra_worker.drivers.haproxy.config_files import ConfigStore
 from libra_worker.drivers.haproxy.counters import Ledger
 from libra_worker.drivers.haproxy.query import FRONTENDS_QUERY, SERVERS_QUERY, StatsSocket
@@ -20,12 +21,22 @@ LOG = logging.getLogger(__name__)
 MAX_RUNTIME_COMMANDS = 100
 
 
+SERVICE_ACTIONS = ("start", "stop", "reload")
+
+
+def privileged_argvs(settings):
+    """Every argv the worker runs as root, exactly (the sudoers rules, --check).
+
+    process mode: none.  system mode: `service haproxy start|stop|reload`.
+    """
+    if settings.service != "system":
+        return []
+    return [[SERVICE, "haproxy", action] for action in SERVICE_ACTIONS]
+
+
 def privileged_commands(settings):
-    """Absolute paths of every command the worker runs as root (sudoers, --check)."""
-    commands = [CP, MV, RM, settings.socat]
-    if settings.service == "system":
-        commands.append(SERVICE)
-    return commands
+    """Absolute paths of the commands in privileged_argvs()."""
+    return sorted({argv[0] for argv in privileged_argvs(settings)})
 
 
 def exclusive(action):
@@ -262,7 +273,10 @@ class HAProxyDriver:
         if self.service.running():
             self.service.stop()
         self.configs.remove_all()
-        self.commands.remove(self.settings.logfile)
+        if self.settings.service == "process":
+            self._remove_haproxy_log()
+        else:  # the system's syslog owns it (root's directory): its rotation removes it
+            LOG.info("DELETE: %s is left to the system's syslog", self.settings.logfile)
         self.ledger.reset()
         self.ledger.set_lb_state("DELETED")
         self.applied = None
@@ -284,6 +298,13 @@ class HAProxyDriver:
         archive.archive(message, self.settings, workdir=self.configs.workdir)
 
     # -- helpers ---------------------------------------------------------------
+    def _remove_haproxy_log(self):
+        try:
+            safe_files.unlink(self.settings.logfile)
+        except OSError as error:
+            raise CommandFailed(str(error) if isinstance(error, safe_files.OddFile)
+                                else f"cannot remove {self.settings.logfile}: {error.strerror}") from None
+
     def _snapshot_or_none(self):
         try:
             return self.stats_socket.snapshot(FRONTENDS_QUERY)

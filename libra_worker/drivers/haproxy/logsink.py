@@ -22,6 +22,8 @@ import socket
 import stat
 import threading
 
+from libra_worker import safe_files
+
 LOG = logging.getLogger(__name__)
 
 SYSTEM_LOG_SOCKET = "/dev/log"
@@ -194,13 +196,14 @@ class LogSink:
     def _file(self):
         """The open log file; reopened when the path now names another file or none."""
         try:
-            info = os.stat(self.logfile)
+            info = os.lstat(self.logfile)
             current = (info.st_dev, info.st_ino)
         except FileNotFoundError:
             current = None
         if self._fd is None or current != self._fd_id:
             self._close_file()
-            fd = os.open(self.logfile, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
+            # A link, FIFO or directory planted there is refused (OddFile), never followed or waited on.
+            fd = safe_files.open_append(self.logfile, FILE_MODE)
             info = os.fstat(fd)
             self._fd, self._fd_id = fd, (info.st_dev, info.st_ino)
         return self._fd

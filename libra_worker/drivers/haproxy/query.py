@@ -138,11 +138,10 @@ class StatsSocket:
             raise ServiceError(f"HAProxy is not running (no stats socket at {self.path})")
         argv = [self.socat, "-t", SOCAT_LINGER, "stdio", f"unix-connect:{self.path}"]
         command = command.rstrip("\n") + "\n"
+        # Never through sudo: the socket is the worker's (process mode) or
+        # group haproxy's (system mode); socat as root would run anything.
         try:
-            if os.access(self.path, os.R_OK | os.W_OK):
-                result = self.commands.run(argv, stdin=command, timeout=QUERY_TIMEOUT)
-            else:
-                result = self.commands.privileged(argv, stdin=command, timeout=QUERY_TIMEOUT)
+            result = self.commands.run(argv, stdin=command, timeout=QUERY_TIMEOUT)
         except CommandFailed as error:
             raise ServiceError(f"HAProxy is not answering on {self.path}: {error}") from None
         return result.stdout
@@ -154,9 +153,8 @@ class StatsSocket:
     def hold(self):
         """A HeldSession on the process serving now, or None when none can be opened."""
         argv = [self.socat, "stdio", f"unix-connect:{self.path}"]
-        privileged = not os.access(self.path, os.R_OK | os.W_OK)
         try:
-            session = HeldSession(self.commands.open_pipe(argv, privileged=privileged))
+            session = HeldSession(self.commands.open_pipe(argv))
             session.ask("prompt")
         except (CommandFailed, ServiceError) as error:
             LOG.info("cannot hold a stats session across the reload: %s", error)

@@ -138,9 +138,17 @@ def render_config(load_balancers, settings, *, user=None, group=None) -> str:
     """The whole HAProxy configuration for `load_balancers` (models.LoadBalancer).
 
     `settings` is a HaproxySettings; `user`/`group`, when given, make HAProxy
-    drop privileges after binding.
+    drop privileges after binding.  With `service = system` HAProxy starts
+    as root, so it always drops to [worker:haproxy] user/group in its chroot,
+    as Debian's own haproxy.cfg does.
     """
+    chroot = None
+    if getattr(settings, "service", "process") == "system":
+        user = settings.user if user is None else user
+        group = settings.group if group is None else group
+        chroot = _setting(settings, "chroot")
     context = {
+        "chroot": chroot,
         "log_target": _setting(settings, "log_target"),
         "pidfile": _setting(settings, "pidfile"),
         "stats_socket": _setting(settings, "stats_socket"),

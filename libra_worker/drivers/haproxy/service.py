@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 
+from libra_worker import safe_files
 from libra_worker.drivers.haproxy.config_files import haproxy_alerts
 from libra_worker.errors import ServiceError
 from libra_worker.processes import pid_alive
@@ -163,27 +164,31 @@ class ProcessService:
     def _output_offset(self):
         """Where new output starts; the file restarts when it grew large (HAProxy appends)."""
         try:
-            size = os.path.getsize(self.output_path)
+            if not safe_files.check(self.output_path):
+                return 0
+            fd = safe_files.open_append(self.output_path, 0o600)
         except OSError:
-            return 0
-        if size > self.MAX_OUTPUT_BYTES:
-            os.truncate(self.output_path, 0)
-            return 0
-        return size
+            return 0  # an odd file there is refused when HAProxy is started
+        try:
+            size = os.fstat(fd).st_size
+            if size > self.MAX_OUTPUT_BYTES:
+                os.ftruncate(fd, 0)  # on the descriptor: a path could have become a link
+                return 0
+            return size
+        finally:
+            os.close(fd)
 
     def _alerts_since(self, offset):
         try:
-            with open(self.output_path, "rb") as stream:
-                stream.seek(offset)
-                text = stream.read(self.MAX_OUTPUT_BYTES).decode("utf-8", "replace")
-        except OSError:
-            return "no reason given"
+            data = safe_files.read_bytes(self.output_path, offset + self.MAX_OUTPUT_BYTES) or b""
+        except OSError as error:
+            return str(error) if isinstance(error, safe_files.OddFile) else "no reason given"
+        text = data[offset:].decode("utf-8", "replace")
         return haproxy_alerts(text) or "no reason given"
 
     def _pid_from_file(self):
         try:
-            with open(self.settings.pidfile) as stream:
-                return int(stream.read().split()[0])
+            return int((safe_files.read_bytes(self.settings.pidfile, 64) or b"").split()[0])
         except (OSError, ValueError, IndexError):
             return None
 
