@@ -43,7 +43,7 @@ def kind(mode):
     for test, name in _KINDS:
         if test(mode):
             return name
-    return None if stat.S_ISREG(mode) else "not a regular file"
+    return None if stat.S_ISREG(mode) else "something else"
 
 
 def _refuse_unless_regular(path, info):
@@ -73,12 +73,14 @@ def _open(path, flags, mode=0o600):
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise OddFile(path, "a symbolic link") from None
-        if error.errno == errno.ENXIO:  # O_WRONLY on a FIFO nobody reads
-            raise OddFile(path, "a FIFO") from None
-        if error.errno == errno.EISDIR:
-            raise OddFile(path, "a directory") from None
+        # ELOOP: a link (O_NOFOLLOW); ENXIO: a FIFO nobody reads, or a socket; EISDIR.
+        if error.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EOPNOTSUPP):
+            what = "a symbolic link" if error.errno == errno.ELOOP else "something else"
+            try:
+                what = kind(os.lstat(path).st_mode) or what
+            except OSError:
+                pass  # gone again: a link toggled there
+            raise OddFile(path, what) from None
         raise
     try:
         _refuse_unless_regular(path, os.fstat(fd))

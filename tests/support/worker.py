@@ -57,6 +57,7 @@ def write_config(path, tmpdir, servers, name=None, extra_ini=None):
             "master_socket": str(tmpdir / "haproxy" / "master.sock"),
             "statsfile": str(tmpdir / "haproxy" / "haproxy.stats"),
             "logfile": str(tmpdir / "haproxy" / "haproxy.log"),
+            "log_target": "/dev/log",  # not the default's /run/libra socket, shared by every test
             "bind_address": "127.0.0.1",
             "sudo": "false",
         },
