@@ -1,10 +1,12 @@
 """Least privilege and secrets.
 
+* The sudoers file grants nothing as shipped (service = process); its one
+  commented system-mode rule is exactly `privileged_argvs()`: the user
+  haproxy, `service haproxy start|stop|reload`, no file command, no socat
+  (tests/test_sudo_probes.py tries escalations against both).
 * A full scenario (UPDATE, UPDATE, SUSPEND, ENABLE, STATS, METRICS, DELETE,
   UPDATE) runs in-process on a real HAProxy through `HAProxyDriver` with
-  `sudo = true`; every command its one privileged helper ran is compared
-  with the sudoers file the package installs: absolute paths, argument lists,
-  only the files the worker owns, nothing the sudoers file does not grant.
+  `sudo = true` in process mode: nothing runs as root.
 * The package's source: no shell, no eval/exec, no os.system/os.popen, no
   command built from a string (AST).
 * Modes of what the worker creates, under a umask of 000: config 0644/0640,
@@ -27,7 +29,7 @@ import pytest
 
 from libra_worker import models, settings as settings_module
 from libra_worker.drivers.haproxy import commands as commands_module
-from libra_worker.drivers.haproxy.driver import HAProxyDriver, privileged_commands
+from libra_worker.drivers.haproxy.driver import HAProxyDriver, privileged_argvs, privileged_commands
 from libra_worker.settings import HaproxySettings
 from support.backends import HttpBackend
 from support.client import GearClient
@@ -46,28 +48,16 @@ TOKEN_FIELD = "hpcs_object_store_token"
 # The sudoers file
 # ==========================================================================
 
-def find_sudoers():
-    """The sudoers file the package installs (a file under debian/ with a NOPASSWD rule), or None."""
-    if not DEBIAN.is_dir():
-        return None
-    for path in sorted(DEBIAN.rglob("*")):
-        if path.is_file() and not path.name.endswith((".sh", ".py")):
-            try:
-                text = path.read_text(errors="replace")
-            except OSError:
-                continue
-            if re.search(r"^\s*%?\w[\w-]*\s+ALL\s*=.*NOPASSWD:", text, re.M):
-                return path
-    return None
+SUDOERS = DEBIAN / "sudoers.d" / "libra-worker"
+SYSTEM_RULE = re.compile(r"^#(haproxy\s+ALL\s*=.*NOPASSWD:.*)$", re.M)
 
 
 def parse_sudoers(text):
-    """{user or %group: [(command path, args or None)]}: args None means any arguments."""
+    """{user or %group: [argv as listed]} of the active rules (aliases expanded)."""
     text = re.sub(r"\\\n", " ", text)
-    lines = [line.split("#", 1)[0].strip() if not line.lstrip().startswith("#") else ""
-             for line in text.splitlines()]
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     aliases, rules = {}, {}
-    for line in filter(None, lines):
+    for line in lines:
         alias = re.fullmatch(r"Cmnd_Alias\s+(.*)", line)
         if alias:
             for definition in alias.group(1).split(":"):
@@ -79,59 +69,52 @@ def parse_sudoers(text):
             entries = []
             for entry in (part.strip() for part in rule.group(2).split(",")):
                 entries.extend(aliases.get(entry, [entry]))
-            rules.setdefault(rule.group(1), []).extend(_command(entry) for entry in entries)
+            rules.setdefault(rule.group(1), []).extend(entry.split() for entry in entries)
     return rules
 
 
-def _command(entry):
-    words = entry.split()
-    return words[0], (words[1:] if len(words) > 1 else None)
+def system_mode_text():
+    text = SUDOERS.read_text()
+    assert len(SYSTEM_RULE.findall(text)) == 1, f"{SUDOERS}: one commented system-mode rule expected"
+    return SYSTEM_RULE.sub(r"\1", text)
 
 
-def granted(rules, argv):
-    """Does some rule allow this argv, with sudo's matching (no args listed = any args)?"""
-    for path, args in rules:
-        if path == argv[0] and (args is None or args == argv[1:] or (args == ['""'] and len(argv) == 1)):
-            return True
-    return False
+def _visudo(text, tmp_path, name):
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(0o440)
+    if shutil.which("visudo") is None:
+        pytest.fail("visudo not found (apt-get install sudo): the sudoers file is unchecked")
+    check = subprocess.run(["visudo", "-cf", str(path)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and "arning" not in check.stdout + check.stderr, \
+        f"visudo: {check.stdout} {check.stderr}"
 
 
-def readme_sudoers_paths():
-    match = re.search(r"%haproxy\s+ALL\s*=\s*NOPASSWD:\s*(.+)", README.read_text())
-    return {entry.strip().split()[0] for entry in match.group(1).split(",")} if match else None
+def test_shipped_sudoers_grants_nothing(tmp_path):
+    """service = process, the packaged default, runs nothing as root: the file grants nothing."""
+    _visudo(SUDOERS.read_text(), tmp_path, "shipped")
+    assert parse_sudoers(SUDOERS.read_text()) == {}
+    assert privileged_argvs(HaproxySettings()) == [] and HaproxySettings().service == "process"
 
 
-@pytest.fixture(scope="module")
-def sudoers():
-    """(rules for the haproxy group, where they came from)."""
-    path = find_sudoers()
-    if path is None:
-        # Not packaged yet: the list the code itself declares is all there is to compare with.
-        system = HaproxySettings(service="system")
-        return [(command, None) for command in privileged_commands(system)], \
-            "privileged_commands() (no sudoers file under debian/ yet)"
-    rules = parse_sudoers(path.read_text())
-    assert "%haproxy" in rules, f"{path} has no rule for %haproxy: {rules}"
-    return rules["%haproxy"], str(path.relative_to(PROJECT))
+def test_system_mode_rule_is_exactly_what_system_mode_runs(tmp_path):
+    text = system_mode_text()
+    _visudo(text, tmp_path, "system")
+    rules = parse_sudoers(text)
+    # The user alone (not its group), exact argument lists, nothing that writes a file or runs socat.
+    assert list(rules) == ["haproxy"], rules
+    assert rules["haproxy"] == privileged_argvs(HaproxySettings(service="system")), rules
+    assert all(os.path.isabs(argv[0]) and len(argv) > 1 for argv in rules["haproxy"]), rules
+    banned = {"/bin/cp", "/bin/mv", "/bin/rm", "/usr/bin/socat", "/bin/sh", "ALL"}
+    assert not banned & {argv[0] for argv in rules["haproxy"]}, rules
+    # README shows the same rule.
+    assert SYSTEM_RULE.search(SUDOERS.read_text()).group(1) in README.read_text(), \
+        "README.rst does not show the system-mode sudo rule as the file has it"
 
 
-def test_sudoers_file_is_valid_and_grants_exactly_the_privileged_commands(sudoers):
-    rules, source = sudoers
-    path = find_sudoers()
-    if path is not None and shutil.which("visudo"):
-        check = subprocess.run(["visudo", "-cf", str(path)], capture_output=True, text=True, timeout=30)
-        assert check.returncode == 0, f"visudo rejects {source}: {check.stdout} {check.stderr}"
-    system = HaproxySettings(service="system")
-    assert {command for command, _ in rules} == set(privileged_commands(system)), source
-    assert all(os.path.isabs(command) for command, _ in rules), rules
-    documented = readme_sudoers_paths()
-    if documented is not None:
-        assert documented == set(privileged_commands(system)), "README.rst's sudoers line differs"
-
-
-def test_every_service_action_the_worker_runs_is_granted(sudoers):
-    """service = system runs `service haproxy <action>`: each action it can run is in sudoers."""
-    rules, source = sudoers
+def test_every_service_action_the_worker_runs_is_granted():
+    """service = system runs `service haproxy <action>`: each action it can run is in the rule."""
+    rules = parse_sudoers(system_mode_text())["haproxy"]
     tree = ast.parse((PACKAGE / "drivers" / "haproxy" / "service.py").read_text())
     actions = {call.args[1].value for call in ast.walk(tree)
                if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
@@ -139,8 +122,7 @@ def test_every_service_action_the_worker_runs_is_granted(sudoers):
                and all(isinstance(arg, ast.Constant) for arg in call.args)}
     assert {"start", "stop", "reload"} <= actions, actions
     for action in actions:
-        assert granted(rules, [commands_module.SERVICE, "haproxy", action]), \
-            f"{source} does not grant `service haproxy {action}`"
+        assert [commands_module.SERVICE, "haproxy", action] in rules, f"`service haproxy {action}`"
 
 
 # ==========================================================================
@@ -173,9 +155,8 @@ def _scenario_settings(tmp_path):
     return settings_module.load(["--config", str(ini), "--nodaemon"]).haproxy
 
 
-def test_full_scenario_runs_only_granted_commands_on_the_workers_own_files(
-        tmp_path, sudoers, permissive_umask, private_tmp):
-    rules, source = sudoers
+def test_full_scenario_in_process_mode_runs_nothing_as_root(
+        tmp_path, permissive_umask, private_tmp):
     settings = _scenario_settings(tmp_path)
     web = [HttpBackend(f"priv-{index}").start() for index in range(2)]
     driver = HAProxyDriver(settings)
@@ -219,23 +200,8 @@ def test_full_scenario_runs_only_granted_commands_on_the_workers_own_files(
         for backend in web:
             backend.stop()
 
-    # What ran as root: only granted commands, by absolute path, as argument lists,
-    # on the worker's own files (and its private candidates).
-    ran = driver.commands.privileged_log
-    assert ran, "the scenario ran nothing through the privileged helper"
-    assert {argv[0] for argv in ran} >= {commands_module.CP, commands_module.MV, commands_module.RM}
-    own = {settings.config, settings.config + ".BKUP", settings.config + ".NEW", settings.logfile}
-    allowed_options = {commands_module.CP: set(), commands_module.MV: {"-f"}, commands_module.RM: {"-f"}}
-    for argv in ran:
-        assert isinstance(argv, list) and all(isinstance(word, str) for word in argv), argv
-        assert os.path.isabs(argv[0]), f"not an absolute path: {argv}"
-        assert granted(rules, argv), f"{source} does not grant {argv}"
-        if argv[0] in allowed_options:
-            assert "--" in argv, f"paths not separated from options: {argv}"
-            options, paths = argv[1:argv.index("--")], argv[argv.index("--") + 1:]
-            assert set(options) <= allowed_options[argv[0]], argv
-            for path in paths:
-                assert path in own or Path(path).parent == workdir, f"{argv[0]} on a file not the worker's: {path}"
+    # process mode runs nothing as root, even with sudo = true; no file goes through cp/mv/rm.
+    assert list(driver.commands.privileged_log) == [], list(driver.commands.privileged_log)
 
     # Modes, with a umask of 000: no wider than needed.
     assert modes["config"] in (0o644, 0o640) and modes["config (after DELETE)"] in (0o644, 0o640), modes
@@ -386,8 +352,10 @@ def test_every_command_is_an_argument_list():
 
 
 def test_privileged_command_paths_are_absolute():
-    for name in ("SUDO", "CP", "MV", "RM", "SERVICE"):
+    for name in ("SUDO", "SERVICE"):
         assert os.path.isabs(getattr(commands_module, name)), name
+    for name in ("CP", "MV", "RM"):
+        assert not hasattr(commands_module, name), f"files go through {name} again"
     for service in ("system", "process"):
         assert all(os.path.isabs(command) for command in privileged_commands(HaproxySettings(service=service)))
 
