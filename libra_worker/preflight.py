@@ -112,6 +112,18 @@ def start_problems(settings, user):
                                       for check in checks if not check.ok]
 
 
+def _config_dir(directory):
+    """The worker writes its config there itself (and makes it, when its parent is writable)."""
+    if os.path.isdir(directory):
+        ok = os.access(directory, os.W_OK | os.X_OK)
+        return Check("config directory", ok, directory if ok else f"{directory} is not writable by "
+                     f"uid {os.getuid()}", "chown it to the worker's user: the worker writes its own config")
+    parent = os.path.dirname(directory)
+    ok = os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+    return Check("config directory", ok, f"{directory} will be created" if ok
+                 else f"{directory} does not exist", f"mkdir -p {directory} and give it to the worker's user")
+
+
 def _bind_address(address):
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     try:
@@ -163,10 +175,7 @@ def run_checks(settings, user=None):
     checks.append(Check("worker files", not odd, " ; ".join(odd) or "no link, FIFO, socket or "
                         "directory at the worker's file paths", "remove what is there: the worker "
                         "creates its files itself"))
-    config_dir = os.path.dirname(haproxy.config)
-    checks.append(Check("config directory", os.path.isdir(config_dir),
-                        config_dir if os.path.isdir(config_dir) else f"{config_dir} does not exist",
-                        f"mkdir -p {config_dir}"))
+    checks.append(_config_dir(os.path.dirname(haproxy.config)))
     checks.append(_bind_address(haproxy.bind_address))
     return checks
 

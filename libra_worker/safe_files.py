@@ -152,12 +152,12 @@ def write_atomic(path, data, mode=0o644, owner=None, make_dir=None, durable=True
     return path
 
 
-def copy_atomic(source, target, mode=0o644, durable=True):
+def copy_atomic(source, target, mode=0o644, durable=True, make_dir=None):
     """`target` becomes a copy of `source` (both checked); False when there is no source."""
     data = read_bytes(source)
     if data is None:
         return False
-    write_atomic(target, data, mode, durable=durable)
+    write_atomic(target, data, mode, durable=durable, make_dir=make_dir)
     return True
 
 

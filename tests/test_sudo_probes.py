@@ -76,6 +76,7 @@ class Battery:
     """The probes, their effects, and undoing any that worked."""
 
     def __init__(self, tmp_path, rules):
+        """`rules`: a directory mounted over /etc/sudoers.d, or None for the machine's own."""
         self.rules = rules
         tag = uuid.uuid4().hex[:8]
         self.source = tmp_path / "payload"
@@ -83,7 +84,8 @@ class Battery:
         self.source.chmod(0o644)
         tmp_path.chmod(0o755)
         self.root_file = Path(f"/root/libra-probe-{tag}")
-        self.sudoers_drop = rules / f"libra-probe-{tag}"  # /etc/sudoers.d inside the namespace
+        # /etc/sudoers.d as sudo sees it (the mounted directory, inside the namespace)
+        self.sudoers_drop = (rules or Path("/etc/sudoers.d")) / f"libra-probe-{tag}"
         self.canary = Path(f"/etc/libra-canary-{tag}")
         self.canary_text = f"canary {tag}\n"
         self.canary.write_text(self.canary_text)
@@ -148,8 +150,11 @@ class Battery:
             found.append("a command ran as root")
         return found
 
+    def wrap(self, argv):
+        return namespace.wrap([(self.rules, "/etc/sudoers.d")], argv) if self.rules else list(argv)
+
     def run(self, who, argv):
-        command = namespace.wrap([(self.rules, "/etc/sudoers.d")], [*IDENTITIES[who], SUDO, "-n", *argv])
+        command = self.wrap([*IDENTITIES[who], SUDO, "-n", *argv])
         result = subprocess.run(command, capture_output=True, text=True, timeout=60,
                                 stdin=subprocess.DEVNULL, cwd="/")
         output = result.stdout + result.stderr
@@ -157,27 +162,29 @@ class Battery:
         return refused, self.effects(output), output.strip()[-200:]
 
 
-def granted_to(rules, who):
+def granted_to(battery, who):
     """The argv lists of privileged_argvs(system mode) that `who` may run, per `sudo -n -l`."""
     granted = []
     for argv in privileged_argvs(HaproxySettings(service="system")):
-        command = namespace.wrap([(rules, "/etc/sudoers.d")],
-                                 [*IDENTITIES[who], SUDO, "-n", "-l", *argv])
+        command = battery.wrap([*IDENTITIES[who], SUDO, "-n", "-l", *argv])
         if subprocess.run(command, capture_output=True, timeout=60, cwd="/").returncode == 0:
             granted.append(argv)
     return granted
 
 
 def run_battery(tmp_path, name, text):
-    """{who: [(probe, refused, effects, output)]} and {who: granted argv}."""
+    """{who: [(probe, refused, effects, output)]} and {who: granted argv}.
+
+    `text`: the sudoers rules to mount alone over /etc/sudoers.d; None: the machine's own.
+    """
     if shutil.which("visudo") is None or not os.path.exists(SUDO):
         pytest.fail("sudo is not installed (apt-get install sudo)")
-    rules = rules_dir(tmp_path, name, text)
+    rules = rules_dir(tmp_path, name, text) if text is not None else None
     battery = Battery(tmp_path, rules)
     results, granted = {}, {}
     try:
         for who in IDENTITIES:
-            granted[who] = granted_to(rules, who)
+            granted[who] = granted_to(battery, who)
             results[who] = [(label, *battery.run(who, argv))
                             for label, argv in battery.probes(granted[who])]
     finally:

@@ -16,6 +16,7 @@ from libra_worker import safe_files
 from libra_worker.errors import CommandFailed
 
 CONFIG_MODE = 0o644  # HAProxy (root in system mode, the worker in process mode) reads it
+CONFIG_DIR_MODE = 0o750
 _ALERT = re.compile(r"^\[(ALERT|WARNING)\]\s*\(\d+\)\s*:\s*", re.M)
 
 
@@ -95,7 +96,8 @@ class ConfigStore:
         """
         try:
             had_live = safe_files.copy_atomic(self.path, self.backup_path, CONFIG_MODE, durable=False)
-            safe_files.copy_atomic(candidate, self.staging_path, CONFIG_MODE)
+            # The directory is the worker's own: made on first use (SysV hosts have no StateDirectory=).
+            safe_files.copy_atomic(candidate, self.staging_path, CONFIG_MODE, make_dir=CONFIG_DIR_MODE)
         except OSError as error:
             raise _failed("write", error) from None
         return had_live
