@@ -77,6 +77,23 @@ def worker_files(settings):
     return files
 
 
+def root_path_problems(settings):
+    """system mode: HAProxy, as root, creates its pid file by path (following links):
+    its directory must be one only root may write, or the worker's user could aim it."""
+    haproxy = settings.haproxy
+    if haproxy.service != "system":
+        return []
+    directory = os.path.dirname(haproxy.pidfile) or "/"
+    try:
+        info = os.stat(directory)
+    except OSError as error:
+        return [f"[worker:haproxy] pidfile: {directory}: {error.strerror}"]
+    if info.st_uid != 0 or info.st_mode & 0o022:
+        return [f"[worker:haproxy] pidfile: {haproxy.pidfile} is in {directory}, which others than root "
+                f"may write: HAProxy creates it as root (use /run/haproxy.pid)"]
+    return []
+
+
 def file_problems(settings):
     """One line per worker path that holds something odd (lstat only: nothing opened, never waits)."""
     problems = []
@@ -108,8 +125,8 @@ def start_problems(settings, user):
     checks = [_program("haproxy", haproxy.haproxy, "-v"), _program("socat", haproxy.socat, "-V")]
     if haproxy.sudo:
         checks.extend(_sudo(argv, user) for argv in sudo_checks(haproxy))
-    return file_problems(settings) + [f"[worker:haproxy] {check.name}: {check.detail}"
-                                      for check in checks if not check.ok]
+    return file_problems(settings) + root_path_problems(settings) + [
+        f"[worker:haproxy] {check.name}: {check.detail}" for check in checks if not check.ok]
 
 
 def _config_dir(directory):
@@ -176,6 +193,10 @@ def run_checks(settings, user=None):
                         "directory at the worker's file paths", "remove what is there: the worker "
                         "creates its files itself"))
     checks.append(_config_dir(os.path.dirname(haproxy.config)))
+    if haproxy.service == "system":
+        root_only = root_path_problems(settings)
+        checks.append(Check("HAProxy's pid file", not root_only, " ; ".join(root_only) or
+                            f"{haproxy.pidfile}: a directory only root writes", "set [worker:haproxy] pidfile"))
     checks.append(_bind_address(haproxy.bind_address))
     return checks
 

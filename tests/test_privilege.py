@@ -36,7 +36,7 @@ from support.client import GearClient
 from support.faults import HostileHttpServer, mode_of
 from support.ports import LOOPBACK, free_port
 from support.traffic import backend_counts, lb, node, refuses, stop_haproxy, update, wait_until
-from support.worker import PROJECT, write_config
+from support.worker import HAPROXY, PROJECT, write_config
 
 PACKAGE = PROJECT / "libra_worker"
 DEBIAN = PROJECT / "debian"
@@ -452,3 +452,45 @@ def test_token_never_reaches_logs_or_replies(tmp_path, worker, gearmand):
         for where, text in texts.items():
             leaked = [needle for needle in _needles(token) if needle in text]
             assert not leaked, f"token ({kind}) found in {where}: {leaked[:2]}"
+
+
+# ==========================================================================
+# The rendered config: HAProxy's privileges in each mode
+# ==========================================================================
+
+def test_system_mode_config_drops_to_haproxy_in_a_chroot_and_process_mode_does_not(tmp_path):
+    from libra_worker.drivers.haproxy import render
+    lbs = models.parse_update(update(lb("HTTP", 8080, [{"id": "a", "address": "127.0.0.1", "port": 80}])))
+    common = dict(pidfile=str(tmp_path / "h.pid"), stats_socket=str(tmp_path / "s.sock"),
+                  log_target="/dev/log", bind_address="127.0.0.1")
+    system = render.render_config(lbs, HaproxySettings(service="system", **common))
+    process = render.render_config(lbs, HaproxySettings(service="process", **common))
+    global_system = system.split("defaults")[0].split()
+    assert "chroot" in global_system and global_system[global_system.index("chroot") + 1] == "/var/lib/haproxy"
+    assert global_system[global_system.index("user") + 1] == "haproxy"
+    assert global_system[global_system.index("group") + 1] == "haproxy"
+    for keyword in ("chroot", "user", "group"):
+        assert keyword not in process.split("defaults")[0].split(), f"process mode renders {keyword}"
+    # HAProxy itself accepts both.
+    for text in (system, process):
+        path = tmp_path / "candidate.cfg"
+        path.write_text(text)
+        check = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_system_mode_refuses_a_pid_file_the_worker_could_aim(tmp_path):
+    from libra_worker import preflight
+    worker_dir = tmp_path / "run"
+    worker_dir.mkdir(mode=0o777)
+    worker_dir.chmod(0o777)
+    ini = tmp_path / "worker.ini"
+    write_config(ini, tmp_path, [f"{LOOPBACK}:{free_port()}"], name="pid", extra_ini={
+        "worker:haproxy": {"service": "system", "pidfile": str(worker_dir / "haproxy.pid")}})
+    loaded = settings_module.load(["--config", str(ini), "--nodaemon"])
+    problems = preflight.root_path_problems(loaded)
+    assert len(problems) == 1 and str(worker_dir) in problems[0], problems
+    fine = settings_module.load(["--config", str(ini), "--nodaemon"])
+    fine = fine.__class__(**{**fine.__dict__, "haproxy": fine.haproxy.__class__(
+        **{**fine.haproxy.__dict__, "pidfile": "/run/haproxy.pid"})})
+    assert preflight.root_path_problems(fine) == []
