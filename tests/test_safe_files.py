@@ -290,6 +290,20 @@ def test_a_fifo_statsfile_is_refused_at_start_within_10s(tmp_path, gearmand):
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced: refusing it is the contract"
 
 
+@pytest.mark.parametrize("odd", ["directory", "symlink"])
+def test_a_directory_or_link_at_the_statsfile_is_refused_at_start(tmp_path, gearmand, odd, canary):
+    config = tmp_path / "worker.ini"
+    write_config(config, tmp_path, [gearmand], name=f"odd-{os.getpid()}")
+    statsfile = tmp_path / "haproxy" / "haproxy.stats"
+    statsfile.mkdir() if odd == "directory" else os.symlink(canary, statsfile)
+    result = run_worker(["--nodaemon", "--config", config], timeout=ODD_SECONDS + 5)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(statsfile) in lines[0], result.stderr
+    assert ("a directory" if odd == "directory" else "a symbolic link") in lines[0], lines
+    assert canary.unchanged()
+
+
 def test_a_fifo_statsfile_fails_check_within_10s(tmp_path, gearmand):
     config, fifo = _fifo_config(tmp_path, gearmand)
     started = time.monotonic()
