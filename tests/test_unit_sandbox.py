@@ -11,8 +11,11 @@ HAProxy process at a non-root uid, holding no capability but
 CAP_NET_BIND_SERVICE.  A restart of the worker under ~50 requests/s loses no
 request, and the restarted worker adopts the same HAProxy master.
 
-The unit's sandbox (ProtectSystem=strict, PrivateTmp, the system call
-filter...) is not emulated: its exposure score is measured with
+The unit's file-system sandbox is emulated too, in a private mount
+namespace: ProtectSystem=strict (the root file system read-only but the
+device's directory), PrivateTmp=, ProtectHome=.  What needs systemd itself
+(the system call filter, PrivateDevices=, ProtectKernel*=,
+RestrictAddressFamilies=) is not: the unit's exposure score is measured with
 `systemd-analyze security --offline=yes`, and every path the packaged config
 names is checked to be inside the unit's writable directories.
 """
@@ -102,6 +105,30 @@ def low_free_port(exclude=()):
     pytest.fail("no free port between 900 and 1023 on 127.0.0.1")
 
 
+def _yes(service, key):
+    return service.get(key, "no").lower() in ("yes", "true", "1", "strict")
+
+
+def sandbox_argv(service, writable):
+    """The unit's file-system sandbox as a private mount namespace (`unshare --mount`).
+
+    ProtectSystem=strict: the root file system read-only, `writable` (the
+    ReadWritePaths of this device) bound read-write; PrivateTmp=: empty /tmp
+    and /var/tmp; ProtectHome=: empty, read-only /root and /home.  The rest
+    of the sandbox (seccomp, PrivateDevices, ProtectKernel*) needs systemd.
+    """
+    steps = ["set -e"]
+    if service.get("ProtectSystem") == "strict":
+        steps += [f'mount --bind "{path}" "{path}"' for path in writable]
+        steps.append("mount -o remount,bind,ro /")
+    if _yes(service, "PrivateTmp"):
+        steps += ["mount -t tmpfs -o mode=1777 tmpfs /tmp", "mount -t tmpfs -o mode=1777 tmpfs /var/tmp"]
+    if _yes(service, "ProtectHome"):
+        steps += ["mount -t tmpfs -o ro,mode=0755 tmpfs /root", "mount -t tmpfs -o ro,mode=0755 tmpfs /home"]
+    steps.append('exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", "; ".join(steps), "sandbox"]
+
+
 class UnitWorker(WorkerProcess):
     """libra_worker --nodaemon as the unit starts it: setpriv'd to the unit's credentials."""
 
@@ -154,7 +181,8 @@ class Load:
 def device_dir():
     """A device's directories, given to the run user like the unit's State/Logs/RuntimeDirectory."""
     user = pwd.getpwnam(RUN_USER)
-    root = Path(tempfile.mkdtemp(prefix="libra-unit-", dir="/tmp"))
+    # Not in /tmp: PrivateTmp= hides it from the worker.
+    root = Path(tempfile.mkdtemp(prefix="libra-unit-", dir="/run"))
     root.chmod(0o755)
     (root / "haproxy").mkdir()
     for sub in ("", "haproxy"):
@@ -175,7 +203,9 @@ def swift(tmp_path_factory):
 
 def _start(device_dir, gearmand, name, log_target):
     (device_dir / "haproxy").mkdir(exist_ok=True)
-    process = UnitWorker(device_dir, [gearmand], name=name, prefix=setpriv_argv(read_unit()),
+    service = read_unit()
+    prefix = [*sandbox_argv(service, [device_dir]), *setpriv_argv(service)]
+    process = UnitWorker(device_dir, [gearmand], name=name, prefix=prefix,
                          extra_ini={"worker:haproxy": {"log_target": log_target, "sudo": "false",
                                                        "job_timeout": "30"}})
     for path in (process.config_path,):
@@ -199,6 +229,18 @@ def _assert_unprivileged(status, what):
         assert int(status[field], 16) & ~(1 << CAP_NET_BIND_SERVICE) == 0, \
             f"{what} holds capabilities beyond CAP_NET_BIND_SERVICE: {field} {status[field]}"
     assert status["NoNewPrivs"] == "1", f"{what} may gain privileges (NoNewPrivs {status['NoNewPrivs']})"
+
+
+def _assert_sandboxed(pid, what):
+    """In the emulated sandbox: another mount namespace, whose / is read-only."""
+    assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt"), f"{what}: no sandbox"
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == "/":
+            assert "ro" in fields[5].split(","), f"{what}: / is writable ({fields[5]})"
+            break
+    else:
+        raise AssertionError(f"{what}: no / in its mountinfo")
 
 
 def test_setpriv_follows_the_unit():
@@ -227,6 +269,7 @@ def test_every_action_as_the_unit_runs_it(device_dir, gearmand, swift):
         # The worker itself: the unit's credentials, not root.
         assert int(worker_status["Uid"].split()[0]) == haproxy.pw_uid, worker_status["Uid"]
         _assert_unprivileged(worker_status, "the worker")
+        _assert_sandboxed(process.pid, "the worker")
 
         with GearClient([gearmand]) as client:
             def must_pass(message, timeout=30):
@@ -243,6 +286,7 @@ def test_every_action_as_the_unit_runs_it(device_dir, gearmand, swift):
             assert len(credentials) >= 2, credentials  # a master and a worker
             for pid, status in credentials.items():
                 _assert_unprivileged(status, f"HAProxy {pid}")
+                _assert_sandboxed(pid, f"HAProxy {pid}")
 
             stats = must_pass({"hpcs_action": "STATS"})
             assert sorted(entry["id"] for entry in stats["nodes"]) == ["a", "b", "t"], stats
