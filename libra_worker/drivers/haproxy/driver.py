@@ -7,9 +7,9 @@ import functools
 import logging
 import threading
 
+from libra_worker import safe_files
 from libra_worker.drivers.haproxy import archive, logsink, render
 from libra_worker.drivers.haproxy.drain import DrainFollower
-from libra_worker import safe_files
 from libra_worker.drivers.haproxy.commands import SERVICE, Commands
 from libra_worker.drivers.haproxy.config_files import ConfigStore
 from libra_worker.drivers.haproxy.counters import Ledger
@@ -19,8 +19,6 @@ from libra_worker.errors import CommandFailed, Deleted, JobError, ServiceError
 
 LOG = logging.getLogger(__name__)
 MAX_RUNTIME_COMMANDS = 100
-
-
 SERVICE_ACTIONS = ("start", "stop", "reload")
 
 

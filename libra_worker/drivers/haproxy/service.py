@@ -1,8 +1,10 @@
 """Starting, reloading and stopping HAProxy, in the two service modes.
 
-process: the worker runs `haproxy -W -S <master socket> -D` itself and talks
-         to the master CLI (reload, then `show proc` to see the new worker
-         and that no reload failed).
+process: the worker runs `haproxy -W -S <master socket>` itself, as its own
+         user, and talks to the master CLI (reload, then `show proc` to see
+         the new worker and that no reload failed).  The master runs in a
+         session of its own and outlives the worker (under systemd the unit's
+         KillMode=process keeps it too): a restarted worker adopts it.
 system:  `sudo -n service haproxy start|stop|reload`, as on a packaged
          device; a reload counts as done when the stats socket answers from
          a new process.
