@@ -36,7 +36,7 @@ from typing import Tuple
 import daemon
 import daemon.pidfile
 
-from libra_worker import logs, safe_files
+from libra_worker import capabilities, logs, safe_files
 from libra_worker.processes import pid_alive
 
 LOG = logging.getLogger(__name__)
@@ -331,8 +331,13 @@ def _become_daemon(settings, serve, run_as, pidfile, notes, report_fd):
 
     try:
         file_handler = logs.setup(settings)
+        # service = process: keep CAP_NET_BIND_SERVICE alone, as the systemd unit does,
+        # so that HAProxy binds ports below 1024 (system mode needs sudo: left as it was).
+        keep_bind = (os.getuid() == 0 and run_as.uid != 0 and settings.haproxy.service == "process")
         if os.getuid() == 0:
             os.setgroups(list(run_as.groups))  # python-daemon then does setgid, setuid
+        if keep_bind:
+            capabilities.before_setuid()
         context = daemon.DaemonContext(
             pidfile=pidfile, umask=0o022, working_directory="/",
             uid=run_as.uid, gid=run_as.gid, detach_process=True,
@@ -340,6 +345,8 @@ def _become_daemon(settings, serve, run_as, pidfile, notes, report_fd):
             signal_map={signal.SIGTERM: "terminate", signal.SIGHUP: None,
                         signal.SIGTTIN: None, signal.SIGTTOU: None, signal.SIGTSTP: None})
         context.open()
+        if keep_bind:
+            capabilities.after_setuid()
         # python-daemon closes 0-2, then opens /dev/null (which lands on the
         # freed fd, close-on-exec) and dup2()s it onto itself, a no-op that
         # keeps the flag: every program the worker ran would start without

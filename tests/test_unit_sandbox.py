@@ -401,3 +401,52 @@ def test_every_packaged_path_is_writable_under_the_unit():
         assert directory in created, f"nothing in the unit creates {directory} for {RUN_USER}"
     assert not haproxy.config.startswith("/etc/haproxy/"), "the haproxy package's conffile"
     assert grp.getgrnam(RUN_USER)
+
+
+def test_daemon_mode_keeps_cap_net_bind_service_alone(gearmand, http_backend):
+    """The SysV init script's way: started as root, --user haproxy, service = process.
+
+    The daemon sets up what the unit would: only CAP_NET_BIND_SERVICE (bounding,
+    permitted, effective, ambient) and no new privileges; HAProxy binds below 1024.
+    """
+    from support.worker import LIBRA_WORKER, write_config
+    user = pwd.getpwnam(RUN_USER)
+    root = Path(tempfile.mkdtemp(prefix="libra-daemoncap-", dir="/tmp"))
+    pidfile = root / "run" / "worker.pid"
+    try:
+        root.chmod(0o755)
+        for sub in ("run", "log", "haproxy"):
+            (root / sub).mkdir()
+            os.chown(root / sub, user.pw_uid, user.pw_gid)
+        name = f"daemoncap-{os.getpid()}"
+        config = root / "worker.ini"
+        write_config(config, root, [gearmand], name=name, extra_ini={
+            "worker": {"pid": pidfile, "logfile": root / "log" / "worker.log"}})
+        started = subprocess.run([str(LIBRA_WORKER), "--config", str(config), "--user", RUN_USER,
+                                  "--group", RUN_USER], capture_output=True, text=True, timeout=40)
+        assert started.returncode == 0, started.stderr
+        pid = int(pidfile.read_text())
+        status = proc_status(pid)
+        assert int(status["Uid"].split()[0]) == user.pw_uid
+        for field in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"):
+            assert int(status[field], 16) == 1 << CAP_NET_BIND_SERVICE, (field, status[field])
+        assert status["NoNewPrivs"] == "1"
+        web = http_backend("daemoncap-web")
+        port = low_free_port()
+        with GearClient([gearmand]) as client:
+            reply = client.submit(name, update(lb("HTTP", port, [node("a", web)])), timeout=30)
+            assert reply["hpcs_response"] == "PASS", reply
+            assert backend_counts(port, 2) == {"daemoncap-web": 2}
+        haproxy_config = root / "haproxy" / "haproxy.cfg"
+        for hpid, hstatus in _haproxy_credentials(str(haproxy_config)).items():
+            _assert_unprivileged(hstatus, f"HAProxy {hpid}")
+        os.kill(pid, 15)
+        wait_until(lambda: not pidfile.exists(), 15, what="the daemon stopping")
+    finally:
+        if pidfile.exists():
+            try:
+                os.kill(int(pidfile.read_text()), 9)
+            except (ValueError, ProcessLookupError):
+                pass
+        stop_haproxy(root / "haproxy" / "haproxy.cfg")
+        shutil.rmtree(root, ignore_errors=True)
