@@ -13,6 +13,7 @@ serving its connections after a reload is `draining`: the driver reads it
 through HAProxy's master CLI until it exits, and drain() adds what it sent
 since its last reading, so no reload loses bytes.
 """
+import copy
 import datetime
 import json
 import logging
@@ -23,12 +24,17 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
+from libra_worker.errors import CommandFailed
+
 LOG = logging.getLogger(__name__)
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 LB_STATES = ("NONE", "ACTIVE", "SUSPENDED", "DELETED")
 RETIRED_KEPT = 16
 PROTOCOL_BY_FRONTEND = {"http": "HTTP", "tcp": "TCP", "galera": "GALERA"}
+# The METRICS row of each protocol, as Libra's worker named it: its billing
+# (stats_sched._update_stats) looks for "http" or "tcp" and counts GALERA as tcp.
+BILLING_PROTOCOL = {"HTTP": "http", "TCP": "tcp", "GALERA": "tcp"}
 
 
 def utc_now():
@@ -39,7 +45,16 @@ def utc_now():
 class MetricsReport:
     utc_start: str
     utc_end: str
-    bytes_out: List[Tuple[str, int]]  # [(protocol, bytes)]
+    bytes_out: List[Tuple[str, int]]  # [("http" | "tcp", bytes)]
+
+
+def billing_rows(totals):
+    """{protocol: bytes} → [(billing protocol, bytes)], GALERA summed into tcp."""
+    rows = {}
+    for protocol, count in totals.items():
+        row = BILLING_PROTOCOL.get(protocol, protocol.lower())
+        rows[row] = rows.get(row, 0) + count
+    return sorted(rows.items())
 
 
 def _fresh():
@@ -124,28 +139,35 @@ class Ledger:
         return state
 
     def save(self):
-        """Atomic write: temp file in the same directory, fsync, rename."""
-        directory = os.path.dirname(self.path)
+        """Write the state; a failure is logged and counting goes on in memory."""
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd, temp_path = tempfile.mkstemp(prefix=".statsfile-", dir=directory)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as stream:
-                    json.dump(self.state, stream)
-                    stream.flush()
-                    os.fsync(stream.fileno())
-                os.replace(temp_path, self.path)
-            except BaseException:
-                os.unlink(temp_path)
-                raise
-            dir_fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            self._write()
         except OSError as error:
-            # Counting goes on in memory; the next save may succeed.
+            # The next save may succeed; METRICS refuses to report until one does.
             LOG.error("cannot write statsfile %s: %s", self.path, error)
+
+    def _write(self):
+        """Atomic, durable write (temp file in the same directory, fsync, rename, fsync dir); OSError."""
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd, temp_path = tempfile.mkstemp(prefix=".statsfile-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as stream:
+                json.dump(self.state, stream)
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temp_path, self.path)
+        except BaseException:
+            try:
+                os.unlink(temp_path)
+            except OSError:
+                pass
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
     # -- lifecycle state ----------------------------------------------------
     @property
@@ -265,6 +287,13 @@ class Ledger:
             return self._report(snapshot)
 
     def _report(self, snapshot):
+        """A report is only given once the window it closes is on disk.
+
+        Otherwise a restarted worker would report the same bytes again: on a
+        failed write the state goes back to what it was, and the next METRICS
+        that can be saved reports these bytes, once.
+        """
+        before = copy.deepcopy(self.state)
         totals = dict(self.state["carried"])
         snapshot = self._current(snapshot)
         if snapshot is not None:
@@ -274,10 +303,17 @@ class Ledger:
             self._advance(snapshot, counters)
         # Windows never overlap, even when the clock was set back.
         utc_end = max(utc_now(), self.state["window_start"])
-        report = MetricsReport(self.state["window_start"], utc_end, sorted(totals.items()))
+        report = MetricsReport(self.state["window_start"], utc_end, billing_rows(totals))
         self.state["carried"] = {}
         self.state["window_start"] = utc_end
-        self.save()
+        try:
+            self._write()
+        except OSError as error:
+            self.state = before
+            LOG.error("METRICS not reported: cannot write statsfile %s: %s", self.path, error)
+            raise CommandFailed(f"cannot save the METRICS window to the statsfile {self.path}: "
+                                f"{error.strerror or error}; the window was not moved, the next "
+                                "METRICS reports these bytes") from None
         return report
 
     def reset(self):
