@@ -3,7 +3,9 @@
 Python's http.server rewrites what it parses (a leading '//' collapses);
 this one keeps the bytes as they came, so a test can say that HAProxy's
 health check sent exactly the path it was given.  Each request gets
-`200 OK` (or 500 while `healthy` is False) and the connection is closed.
+`200 OK` (or 500 while `healthy` is False) and the connection is closed;
+`answer(method, path)`, when set, gives (status line, [extra header lines])
+instead.  `heads` keeps every request's head (request line and headers).
 """
 import socket
 import socketserver
@@ -27,17 +29,43 @@ class _Handler(socketserver.BaseRequestHandler):
                 head += chunk
         except OSError:
             return
+        head, _, rest = head.partition(b"\r\n\r\n")
         line = head.split(b"\r\n", 1)[0]
         with recorder.lock:
             recorder.lines.append(line)
+            recorder.heads.append(head)
+        self._read_body(head, len(rest))
         body = recorder.name.encode()
         status = b"200 OK" if recorder.healthy else b"500 Internal Server Error"
+        extra = []
+        if recorder.answer is not None:
+            method, _, path = line.partition(b" ")
+            status, extra = recorder.answer(method.decode(), path.rpartition(b" ")[0].decode())
+            status = status.encode()
         try:
             self.request.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: "
-                                 + str(len(body)).encode() + b"\r\nX-Backend: "
-                                 + body + b"\r\nConnection: close\r\n\r\n" + body)
+                                 + str(len(body)).encode() + b"\r\nX-Backend: " + body + b"\r\n"
+                                 + b"".join(header.encode() + b"\r\n" for header in extra)
+                                 + b"Connection: close\r\n\r\n" + body)
         except OSError:
             pass
+
+    def _read_body(self, head, received):
+        """Read a Content-Length body to its end, so the client sees the answer, not a reset."""
+        length = 0
+        for header in head.split(b"\r\n")[1:]:
+            name, _, value = header.partition(b":")
+            if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                length = int(value)
+        left = length - received
+        try:
+            while left > 0:
+                chunk = self.request.recv(min(left, 65536))
+                if not chunk:
+                    return
+                left -= len(chunk)
+        except OSError:
+            return
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -56,6 +84,8 @@ class RequestLineRecorder:
         self.host = LOOPBACK
         self.port = port or free_port()
         self.lines = []
+        self.heads = []
+        self.answer = None
         self.lock = threading.Lock()
         self.healthy = True
         self._server = None
