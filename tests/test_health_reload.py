@@ -138,6 +138,25 @@ def test_a_node_whose_address_changes_in_a_reload_starts_fresh(station):
             server.stop()
 
 
+def test_a_node_checked_another_way_after_a_reload_starts_fresh(station):
+    """Health measured by one probe says nothing about another (a TCP node under an HTTP check)."""
+    station.start()
+    echo = TcpEchoBackend("echo").start()
+    try:
+        port = free_port()
+        http_check = {"type": "HTTP", "delay": 1, "timeout": 1, "attempts": 1, "path": "/"}
+        station.must_pass(update(libra_lb("TCP", port, [libra_node(1, echo)], http_check)))
+        wait_until(lambda: libra_statuses(station) == {1: "DOWN"}, FLIP_WITHIN,
+                   what="the echo node DOWN under an HTTP check")
+        old_pid = station.serving_pid()
+        station.must_pass(update(libra_lb("TCP", port, [libra_node(1, echo)], LIBRA_DEFAULT_CONNECT)))
+        assert station.serving_pid() != old_pid
+        assert libra_statuses(station) == {1: "UP"}, "the HTTP check's verdict was carried to CONNECT"
+        assert tcp_exchange_name(port) == "echo"
+    finally:
+        echo.stop()
+
+
 def test_a_node_with_failed_checks_that_haproxy_still_routes_to_is_up(station):
     station.start()
     sick = RequestLineRecorder("sick").start()
@@ -200,9 +219,20 @@ def test_only_servers_the_new_configuration_keeps_unchanged_carry_their_state():
                        _state_line("v6", "2001:db8::1", 80),
                        _state_line("gone", "10.0.0.9", 80),
                        "3 http_servers 9 short line"]) + "\n"
-    kept = server_state.carried(saved, lbs, render.backend_name)
+    kept = server_state.carried(saved, lbs, lbs, render.backend_name)
     lines = kept.splitlines()
     assert lines[:2] == ["1", STATE_HEADER]
     assert [line.split()[3] for line in lines[2:]] == ["same", "v6"], kept
-    assert server_state.carried("Unknown command\n", lbs, render.backend_name) is None
-    assert server_state.carried("1\n# be_id be_name\n", lbs, render.backend_name) is None
+    assert server_state.carried("Unknown command\n", lbs, lbs, render.backend_name) is None
+    assert server_state.carried("1\n# be_id be_name\n", lbs, lbs, render.backend_name) is None
+    # Health measured by another probe, or with nothing known to run, is not carried.
+    probed = parse_update(update(lb("HTTP", 80, [{"id": "same", "address": "10.0.0.1", "port": 80}],
+                                    monitor={"type": "HTTP", "delay": 5, "timeout": 5, "attempts": 2,
+                                             "path": "/health"})))
+    for old, new in ((lbs, probed), (probed, lbs), (None, lbs)):
+        assert server_state.carried(saved, old, new, render.backend_name).splitlines()[2:] == []
+    retimed = parse_update(update(lb("HTTP", 80, [{"id": "same", "address": "10.0.0.1", "port": 80}],
+                                     monitor={"type": "HTTP", "delay": 30, "timeout": 30, "attempts": 3,
+                                              "path": "/health"})))
+    kept = server_state.carried(saved, probed, retimed, render.backend_name)
+    assert [line.split()[3] for line in kept.splitlines()[2:]] == ["same"], kept

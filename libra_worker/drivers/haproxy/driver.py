@@ -201,7 +201,8 @@ class HAProxyDriver:
     def _reload(self, held, load_balancers):
         """Reload; `held` keeps the old process alive until its last bytes are read."""
         state_file = server_state.path_for(self.settings.statsfile)
-        server_state.save(self.stats_socket.ask, state_file, load_balancers, render.backend_name)
+        server_state.save(self.stats_socket.ask, state_file, self.applied, load_balancers,
+                          render.backend_name)
         try:
             self.service.reload()
         except JobError:

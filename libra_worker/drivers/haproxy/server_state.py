@@ -8,10 +8,11 @@ process here; the new process reads it (`server-state-file` in the
 global section, `load-server-state-from-file global` in defaults) and
 starts each server in the state it had.
 
-Only health is carried.  HAProxy would also restore a saved address, port,
-weight and maintenance state over the new configuration's, so a server's
-line is kept only when those match the new configuration; any other
-server starts fresh.  Once the reload is done the file is emptied (a
+Only health is carried, and only health measured by the same probe: a
+load balancer whose monitor changes type or path (or that was not
+running) starts every server fresh.  HAProxy would also restore a saved
+address, port, weight and maintenance state over the new configuration's,
+so a server's line is kept only when those match the new configuration.  Once the reload is done the file is emptied (a
 version line alone: HAProxy warns when the file is missing), so a later
 start (ENABLE, a restart) never brings back old health.
 """
@@ -37,10 +38,21 @@ def path_for(statsfile):
     return os.path.join(os.path.dirname(os.path.abspath(statsfile)), FILE_NAME)
 
 
-def _expected(load_balancers, backend_name):
-    """{(backend, server): (address, port, weight, in maintenance)} of the new configuration."""
+def probe(lb):
+    """What a health check asks: the same answer means the same health."""
+    monitor = lb.monitor
+    if monitor is not None and monitor.type == "HTTP":
+        return ("HTTP", monitor.path)
+    return ("CONNECT",)
+
+
+def _expected(old_lbs, new_lbs, backend_name):
+    """{(backend, server): (address, port, weight, in maintenance)} whose saved health holds."""
+    probes = {lb.protocol: probe(lb) for lb in old_lbs or ()}
     servers = {}
-    for lb in load_balancers:
+    for lb in new_lbs:
+        if probes.get(lb.protocol) != probe(lb):
+            continue
         backend = backend_name(lb.protocol)
         for node in lb.nodes:
             servers[(backend, node.id)] = (node.address, str(node.port), str(node.weight),
@@ -48,11 +60,12 @@ def _expected(load_balancers, backend_name):
     return servers
 
 
-def carried(text, load_balancers, backend_name):
-    """The answer to `show servers state` → the state file for `load_balancers` (pure).
+def carried(text, old_lbs, new_lbs, backend_name):
+    """The answer to `show servers state` while `old_lbs` run → the state file for `new_lbs` (pure).
 
     Keeps the version line, the header and the lines of servers the new
-    configuration has unchanged; None when the answer is not a state dump.
+    configuration has unchanged, probed the same way; None when the answer
+    is not a state dump.  `old_lbs` None (not known what runs): nothing is kept.
     """
     lines = text.splitlines()
     if len(lines) < 2 or lines[0].strip() != STATE_VERSION or not lines[1].startswith("# "):
@@ -61,7 +74,7 @@ def carried(text, load_balancers, backend_name):
     if any(name not in header for name in _NEEDED):
         return None
     column = {name: header.index(name) for name in _NEEDED}
-    expected = _expected(load_balancers, backend_name)
+    expected = _expected(old_lbs, new_lbs, backend_name)
     kept = [lines[0], lines[1]]
     for line in lines[2:]:
         fields = line.split()
@@ -115,15 +128,15 @@ def clear(path):
             pass
 
 
-def save(ask, path, load_balancers, backend_name):
-    """Before a reload: the serving process's server states → `path`, for the new one.
+def save(ask, path, old_lbs, new_lbs, backend_name):
+    """Before a reload from `old_lbs` to `new_lbs`: server states → `path`, for the new process.
 
     `ask` sends one stats-socket command and returns the answer.  On any
     failure the file is removed (stale health is worse than none) and the
     reload goes on: the new process then checks every server afresh.
     """
     try:
-        text = carried(ask(SHOW_COMMAND), load_balancers, backend_name)
+        text = carried(ask(SHOW_COMMAND), old_lbs, new_lbs, backend_name)
         if text is None:
             raise ServiceError("HAProxy's answer to 'show servers state' is not a state dump")
         _write(path, text)
