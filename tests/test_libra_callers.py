@@ -15,6 +15,8 @@ Each flow runs through a real gearmand with three independent clients
 (gear, libgearman's `gearman`, Perl's Gearman::Client), and every PASS is
 followed by real traffic through HAProxy.
 """
+import csv
+
 import pytest
 
 from support.backends import HttpBackend, TcpEchoBackend
@@ -22,7 +24,7 @@ from support.gearman_clients import CLIENTS
 from support.gearmand import Gearmand
 from support.metrics_helpers import download, echo, parse_utc
 from support.ports import free_port
-from support.traffic import backend_counts, refuses, stop_haproxy, tcp_exchange
+from support.traffic import backend_counts, refuses, stop_haproxy, tcp_exchange, unix_command, wait_until
 
 KB = 1024
 
@@ -165,6 +167,21 @@ def tcp_lb(lb_id, port, active, spare, protocol="TCP"):
                        "backup": True}]}
 
 
+def settle(device, *frontends):
+    """Wait until no client connection is open on `frontends`.
+
+    HAProxy adds a connection's bytes to its counters as the connection ends,
+    so bytes of a connection the client just closed can land in the next window.
+    """
+    stats_socket = device.sections["worker:haproxy"]["stats_socket"]
+
+    def idle():
+        text = unix_command(stats_socket, "show stat -1 1 -1")
+        rows = {row["pxname"]: row for row in csv.DictReader(text.lstrip("# ").splitlines())}
+        return all(rows[name]["scur"] == "0" for name in frontends)
+    wait_until(idle, 10.0, what=f"no open connection on {frontends}")
+
+
 def node_ids(lbs):
     return {node["id"] for lb in lbs for node in lb["nodes"]}
 
@@ -201,9 +218,11 @@ def test_libra_api_and_admin_api_drive_a_device_from_update_to_delete(
     assert_traffic(http_port, tcp_port, {"web-a", "web-b"}, "db-active")
 
     # The stats scheduler: one Stats row per load balancer, bytes as sent.
+    settle(device, "http", "tcp")
     must_pass(client, device, {"hpcs_action": "METRICS"})        # closes the window so far
     requests = download(http_port, 200 * KB, chunk=50 * KB)
     tcp_bytes = echo(tcp_port, 64 * KB)
+    settle(device, "http", "tcp")
     rows = bill(client.submit(device.name, {"hpcs_action": "METRICS"}), lbs)
     assert set(rows) == {101, 102}, f"Libra would write no Stats row for {({101, 102} - set(rows))}"
     assert 200 * KB <= rows[101]["bytes_out"] <= 200 * KB + requests * 1024, rows
@@ -253,10 +272,12 @@ def test_a_galera_load_balancer_is_billed_as_tcp(client, device, http_backend, t
     lbs = [web_lb(201, http_port, [web]), tcp_lb(202, galera_port, primary, standby, "GALERA")]
     must_pass(client, device, send_update_message(lbs))
     assert_traffic(http_port, galera_port, {"web"}, "galera-1")
+    settle(device, "http", "galera")
     must_pass(client, device, {"hpcs_action": "METRICS"})
 
     requests = download(http_port, 100 * KB)
     galera_bytes = echo(galera_port, 32 * KB)
+    settle(device, "http", "galera")
     reply = client.submit(device.name, {"hpcs_action": "METRICS"})
     assert sorted(row["protocol"] for row in reply["loadBalancers"]) == ["http", "tcp"], reply
     rows = bill(reply, lbs)
