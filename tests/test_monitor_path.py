@@ -72,11 +72,13 @@ def test_each_path_character_reaches_the_backend_byte_for_byte(device, recorder)
 def test_a_2000_character_path_reaches_the_backend_byte_for_byte(device, recorder):
     port = free_port()
     pattern = string.ascii_letters + string.digits + API_CHARACTERS + "/-._"
-    path = ("/" + pattern * 40)[:2000]
-    assert len(path) == 2000 and path.count("'") > 20 and "#" in path and "$" in path
-    device.must_pass(update(lb("HTTP", port, [_node(recorder)], monitor=_monitor(path))))
-    _assert_check_sent(recorder, path)
-    _assert_traffic(port, recorder)
+    mixed = ("/" + pattern * 40)[:2000]
+    assert len(mixed) == 2000 and mixed.count("'") > 20 and "#" in mixed and "$" in mixed
+    quotes = "/" + "'" * 1999          # the longest config line: each quote is written '\''
+    for path in (mixed, quotes):
+        device.must_pass(update(lb("HTTP", port, [_node(recorder)], monitor=_monitor(path))))
+        _assert_check_sent(recorder, path)
+        _assert_traffic(port, recorder)
 
 
 @pytest.mark.parametrize("path, why", [
