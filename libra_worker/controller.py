@@ -168,7 +168,8 @@ class Controller:
         servers = list(self.settings.gearman.servers)
         target = self.settings.network_check
         statuses = diagnostics.tcp_checks(servers + ([target] if target else []))
-        reply["gearman"] = [{"host": f"{host}:{port}", "status": status}
+        # `host` alone, as Libra's worker gave it; `port` beside it.
+        reply["gearman"] = [{"host": host, "port": port, "status": status}
                             for (host, port), status in zip(servers, statuses)]
         reply["network"] = statuses[-1] if target else "FAIL"
         reply["release"] = __version__

@@ -47,18 +47,21 @@ PORT_RANGE = (1, 65535)
 WEIGHT_RANGE = (1, 256)
 MONITOR_SECONDS_RANGE = (1, 3600)      # delay and timeout
 MONITOR_ATTEMPTS_RANGE = (1, 10)
-TIMEOUT_MS_RANGE = (1, 3_600_000)      # client/server/connect timeouts
-RETRIES_RANGE = (0, 100)
+# What Libra's API accepts (its callers win over any tighter rule): 0 ms is
+# HAProxy's "no timeout".
+TIMEOUT_MS_RANGE = (0, 1_000_000)      # client/server/connect timeouts
+RETRIES_RANGE = (0, 256)
 
 MAX_ECHO = 40            # characters of a bad value quoted back in an error
 MAX_NUMBER_TEXT = 64     # longer numeric strings are refused before parsing
-MAX_PATH = 256
+MAX_PATH = 2000          # Libra's API limit for a monitor path
 MAX_HOSTNAME = 253
 
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# Printable ASCII without space, '#', quotes, backslash and braces.
-_PATH = re.compile(r"/[!$%&()*+,\-./0-9:;<=>?@A-Z\[\]^_`a-z|~]*")
+# Any printable ASCII but space: the template quotes it for HAProxy, so
+# '#', '$', quotes and backslashes reach the back-end as they are.
+_PATH = re.compile(r"/[\x21-\x7e]*")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _IPV4_CHARS = re.compile(r"[0-9.]+")
 # A dotted quad already in canonical form (no leading zeros) is its own normal form.
@@ -226,10 +229,11 @@ def _address(value, path):
 
 
 def _http_path(value, path):
+    """A health-check path HAProxy can send as it is: '/' then printable ASCII, no space."""
     if isinstance(value, str) and len(value) <= MAX_PATH and _PATH.fullmatch(value):
         return value
-    raise _invalid(path, f"must start with '/' and be at most {MAX_PATH} printable "
-                         "ASCII characters without spaces, '#', quotes, '\\', '{' or '}'",
+    raise _invalid(path, f"must start with '/' and be at most {MAX_PATH} printable ASCII "
+                         "characters without spaces (an HTTP request line cannot carry others)",
                    value)
 
 

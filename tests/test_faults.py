@@ -9,6 +9,7 @@ matches the file, and the device serves the next job.
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -431,7 +432,7 @@ CORRUPTIONS = {
 }
 
 
-def _bytes_out(reply, protocol="HTTP"):
+def _bytes_out(reply, protocol="http"):
     rows = [row["bytes_out"] for row in reply["loadBalancers"] if row["protocol"] == protocol]
     assert all(isinstance(value, int) and value >= 0 for value in rows), reply
     return sum(rows)
@@ -477,24 +478,32 @@ def test_corrupt_statsfile_is_moved_aside_and_metrics_keep_working(tmp_path, web
         _assert_running_matches_file(device)
 
 
-def test_statsfile_unwritable_while_running_metrics_keep_working(tmp_path, web):
+def test_statsfile_unwritable_while_running_metrics_fail_and_keep_the_window(tmp_path, web):
+    """A window that cannot be saved is not reported: a restarted worker would report it again."""
     with _device(tmp_path) as device:
         statsfile = device.haproxy_dir / "haproxy.stats"
         port = free_port()
         device.must_pass(update(lb("HTTP", port, [node("n", web[0])])))
-        device.must_pass({"hpcs_action": "METRICS"})
+        before = device.must_pass({"hpcs_action": "METRICS"})
         log = WorkerLog(device.worker.logfile)
         log.skip_to_end()
         _directory(statsfile)  # the next atomic rename onto it fails
 
         for _ in range(3):
             assert http_get(port, "/bytes/1000").status == 200
-        reply = device.must_pass({"hpcs_action": "METRICS"})
-        assert 3000 <= _bytes_out(reply) < 3000 + 5 * 1000, reply
+        reply = device.submit({"hpcs_action": "METRICS"})
+        assert reply["hpcs_response"] == "FAIL", reply
+        assert "statsfile" in reply["hpcs_error"] and "not moved" in reply["hpcs_error"], reply
+        assert "badRequest" not in reply and "loadBalancers" not in reply, reply
         lines, _ = log.wait_job_lines(1)
         assert any("statsfile" in line and " ERROR " in line for line in lines), lines
-        reply = device.must_pass({"hpcs_action": "METRICS"})
-        assert _bytes_out(reply) < 1000, "bytes counted twice while the statsfile could not be written"
         assert not any(path.name.startswith((".statsfile-", ".haproxy.stats.")) and path.name.endswith(".tmp")
                        or path.name.startswith(".statsfile-") for path in device.haproxy_dir.iterdir()), \
             "temporary statsfiles left behind"
+
+        shutil.rmtree(statsfile)  # writable again: the next METRICS reports those bytes, once
+        reply = device.must_pass({"hpcs_action": "METRICS"})
+        assert 3000 <= _bytes_out(reply) < 3000 + 5 * 1000, reply
+        assert reply["utc_start"] == before["utc_end"], (before, reply)
+        reply = device.must_pass({"hpcs_action": "METRICS"})
+        assert _bytes_out(reply) < 1000, "bytes counted twice"

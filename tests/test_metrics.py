@@ -221,7 +221,7 @@ def test_http_and_tcp_load_balancers_are_reported_separately(station, http_backe
     wait_counted(station.stats_socket, "tcp", tcp_sent)
     report = station.metrics()
 
-    assert set(report.bytes) == {"HTTP", "TCP"}, report
+    assert set(report.bytes) == {"http", "tcp"}, report
     assert_http_bytes(report.get("HTTP"), 700 * KB, requests)
     assert report.get("TCP") == tcp_sent, f"TCP bytes_out {report.get('TCP')} != {tcp_sent} sent"
 

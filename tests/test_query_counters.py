@@ -18,9 +18,9 @@ import pytest
 
 from libra_worker.drivers.haproxy import counters, query
 from libra_worker.drivers.haproxy.commands import Commands
-from libra_worker.drivers.haproxy.counters import Ledger
+from libra_worker.drivers.haproxy.counters import Ledger, billing_rows
 from libra_worker.drivers.haproxy.query import Snapshot, StatRow, StatsSocket, node_status, parse
-from libra_worker.errors import ServiceError
+from libra_worker.errors import CommandFailed, ServiceError
 from support.backends import HttpBackend
 from support.metrics_helpers import FakeStatsSocket
 from support.ports import free_port
@@ -186,10 +186,12 @@ def test_parse_never_accepts_an_answer_cut_short(live):
     parse(text)
 
 
-def test_node_status_is_up_only_when_fully_up():
-    assert node_status("UP") == "UP"
-    for status in ("DOWN", "UP 1/3", "DOWN 1/2", "NOLB", "MAINT", "MAINT (via x/y)", "DRAIN",
-                   "no check", ""):
+def test_node_status_is_up_when_haproxy_routes_to_it():
+    # "UP 1/3": up, a failed check counting toward down; HAProxy still routes to it.
+    for status in ("UP", "UP 1/3", "UP 2/3", " UP 1/2 "):
+        assert node_status(status) == "UP", status
+    for status in ("DOWN", "DOWN 1/2", "NOLB", "MAINT", "MAINT (via x/y)", "DRAIN",
+                   "no check", "UPPER", ""):
         assert node_status(status) == "DOWN", status
 
 
@@ -228,6 +230,7 @@ def snap(pid, http=None, tcp=None, started=1000):
 
 
 def bytes_of(report):
+    """The report's rows as METRICS sends them: lower case, as Libra's billing reads them."""
     return dict(report.bytes_out)
 
 
@@ -238,9 +241,9 @@ def statsfile(tmp_path):
 
 def test_report_counts_each_byte_once_within_a_generation(statsfile):
     ledger = Ledger(statsfile)
-    assert bytes_of(ledger.report(snap(10, http=100, tcp=5))) == {"HTTP": 100, "TCP": 5}
-    assert bytes_of(ledger.report(snap(10, http=250, tcp=5))) == {"HTTP": 150, "TCP": 0}
-    assert bytes_of(ledger.report(snap(10, http=250, tcp=5))) == {"HTTP": 0, "TCP": 0}
+    assert bytes_of(ledger.report(snap(10, http=100, tcp=5))) == {"http": 100, "tcp": 5}
+    assert bytes_of(ledger.report(snap(10, http=250, tcp=5))) == {"http": 150, "tcp": 0}
+    assert bytes_of(ledger.report(snap(10, http=250, tcp=5))) == {"http": 0, "tcp": 0}
     assert bytes_of(ledger.report(None)) == {}
 
 
@@ -248,12 +251,12 @@ def test_carry_folds_a_generation_in_before_a_reload(statsfile, caplog):
     ledger = Ledger(statsfile)
     ledger.report(snap(10, http=100))
     ledger.carry(snap(10, http=300))                    # 200 carried, reload next
-    assert bytes_of(ledger.report(None)) == {"HTTP": 200}   # HAProxy down: carried only
+    assert bytes_of(ledger.report(None)) == {"http": 200}   # HAProxy down: carried only
     ledger.carry(snap(10, http=350))                    # reload failed, old process still serves
     ledger.carry(snap(11, http=40))                     # the reload after that worked
     ledger.carry(None)                                  # SUSPEND found it gone
     report = ledger.report(snap(12, http=7))
-    assert bytes_of(report) == {"HTTP": 50 + 40 + 7}
+    assert bytes_of(report) == {"http": 50 + 40 + 7}
     assert "behind" not in caplog.text, "restarts the worker did were taken for crashes"
 
 
@@ -262,7 +265,7 @@ def test_restart_behind_the_workers_back_is_logged_and_counted_from_zero(statsfi
     ledger.report(snap(10, http=1000))
     with caplog.at_level(logging.WARNING):
         report = ledger.report(snap(20, http=30, started=2000))
-    assert bytes_of(report) == {"HTTP": 30}
+    assert bytes_of(report) == {"http": 30}
     assert "behind the worker's back" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
@@ -273,18 +276,18 @@ def test_restart_behind_the_workers_back_is_logged_and_counted_from_zero(statsfi
 def test_counters_below_their_baseline_are_never_negative(statsfile):
     ledger = Ledger(statsfile)
     ledger.report(snap(10, http=5000, tcp=70))
-    assert bytes_of(ledger.report(snap(10, http=120, tcp=0))) == {"HTTP": 120, "TCP": 0}
-    assert bytes_of(ledger.report(snap(10, http=200, tcp=3))) == {"HTTP": 80, "TCP": 3}
+    assert bytes_of(ledger.report(snap(10, http=120, tcp=0))) == {"http": 120, "tcp": 0}
+    assert bytes_of(ledger.report(snap(10, http=200, tcp=3))) == {"http": 80, "tcp": 3}
     ledger.carry(snap(10, http=100))
-    assert bytes_of(ledger.report(None)) == {"HTTP": 100}
+    assert bytes_of(ledger.report(None)) == {"http": 100}
 
 
 def test_a_late_answer_from_a_replaced_process_is_not_counted_again(statsfile):
     ledger = Ledger(statsfile)
     ledger.carry(snap(10, http=500))
-    assert bytes_of(ledger.report(snap(11, http=20))) == {"HTTP": 520}
+    assert bytes_of(ledger.report(snap(11, http=20))) == {"http": 520}
     assert bytes_of(ledger.report(snap(10, http=520))) == {}    # the old process, draining
-    assert bytes_of(ledger.report(snap(11, http=25))) == {"HTTP": 5}
+    assert bytes_of(ledger.report(snap(11, http=25))) == {"http": 5}
 
 
 def test_a_carry_with_a_late_answer_is_not_taken_for_a_crash(statsfile, caplog):
@@ -294,14 +297,14 @@ def test_a_carry_with_a_late_answer_is_not_taken_for_a_crash(statsfile, caplog):
     with caplog.at_level(logging.INFO):
         ledger.carry(snap(10, http=600))                # the old process answered late
     assert "behind" not in caplog.text and "ignored" in caplog.text
-    assert bytes_of(ledger.report(snap(12, http=4))) == {"HTTP": 4}
+    assert bytes_of(ledger.report(snap(12, http=4))) == {"http": 4}
 
 
 def test_a_reading_missing_a_frontend_does_not_reset_its_baseline(statsfile):
     ledger = Ledger(statsfile)
     ledger.report(snap(10, http=900, tcp=400))
-    assert bytes_of(ledger.report(snap(10, http=950))) == {"HTTP": 50}
-    assert bytes_of(ledger.report(snap(10, http=950, tcp=410))) == {"HTTP": 0, "TCP": 10}
+    assert bytes_of(ledger.report(snap(10, http=950))) == {"http": 50}
+    assert bytes_of(ledger.report(snap(10, http=950, tcp=410))) == {"http": 0, "tcp": 10}
 
 
 def test_the_ledger_survives_a_new_worker(statsfile):
@@ -311,7 +314,7 @@ def test_the_ledger_survives_a_new_worker(statsfile):
     window = first.state["window_start"]
     second = Ledger(statsfile)                          # the worker was killed and restarted
     report = second.report(snap(11, http=9))
-    assert bytes_of(report) == {"HTTP": 69}
+    assert bytes_of(report) == {"http": 69}
     assert report.utc_start == window
 
 
@@ -345,14 +348,31 @@ def test_save_is_atomic_private_and_leaves_no_temp_file(statsfile):
     assert Ledger(statsfile).state["baseline"] == {"HTTP": 290}
 
 
-def test_save_failure_is_logged_not_raised(tmp_path, caplog):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    ledger = Ledger(str(blocker / "haproxy.stats"))   # its directory is a file
+def test_a_report_that_cannot_be_saved_fails_and_moves_nothing(statsfile, caplog):
+    ledger = Ledger(statsfile)
+    ledger.report(snap(10, http=0))
+    os.unlink(statsfile)
+    os.mkdir(statsfile)                                # the rename onto it fails from now on
     with caplog.at_level(logging.ERROR):
-        assert bytes_of(ledger.report(snap(10, http=5))) == {"HTTP": 0}  # unreadable: from here on
+        ledger.carry(snap(10, http=5))                 # a reload: logged, counted in memory
     assert "cannot write statsfile" in caplog.text
-    assert bytes_of(ledger.report(snap(10, http=8))) == {"HTTP": 3}
+    start = ledger.state["window_start"]
+    for _ in range(2):
+        with pytest.raises(CommandFailed, match="not moved"):
+            ledger.report(snap(11, http=8))
+        assert ledger.state["window_start"] == start and ledger.state["carried"] == {"HTTP": 5}
+    os.rmdir(statsfile)                                # writable again
+    report = ledger.report(snap(11, http=9))
+    assert report.utc_start == start
+    assert bytes_of(report) == {"http": 5 + 9}         # once, and only once
+    assert bytes_of(ledger.report(snap(11, http=9))) == {"http": 0}
+    assert [name for name in os.listdir(os.path.dirname(statsfile)) if name != "haproxy.stats"] == []
+
+
+def test_galera_is_billed_as_tcp_and_summed_with_it():
+    assert billing_rows({"HTTP": 3, "TCP": 4, "GALERA": 5}) == [("http", 3), ("tcp", 9)]
+    assert billing_rows({"GALERA": 7}) == [("tcp", 7)]
+    assert billing_rows({}) == []
 
 
 CORRUPT = [
@@ -384,8 +404,8 @@ def test_a_corrupt_statsfile_is_moved_aside_and_counting_starts_afresh(statsfile
     assert statsfile in caplog.text and "moved to" in caplog.text
     assert ledger.lb_state == "NONE"
     # What the running HAProxy counted may have been reported already: never bill it twice.
-    assert bytes_of(ledger.report(snap(10, http=11))) == {"HTTP": 0}
-    assert bytes_of(ledger.report(snap(10, http=20))) == {"HTTP": 9}
+    assert bytes_of(ledger.report(snap(10, http=11))) == {"http": 0}
+    assert bytes_of(ledger.report(snap(10, http=20))) == {"http": 9}
 
 
 def test_two_corrupt_statsfiles_in_one_second_are_both_kept(statsfile):
@@ -410,7 +430,7 @@ def test_a_ledger_written_before_retired_generations_still_loads(statsfile):
         json.dump(old, stream)
     ledger = Ledger(statsfile)
     assert os.listdir(os.path.dirname(statsfile)) == ["haproxy.stats"]
-    assert bytes_of(ledger.report(snap(10, http=130))) == {"HTTP": 42}
+    assert bytes_of(ledger.report(snap(10, http=130))) == {"http": 42}
 
 
 def test_after_a_corrupt_statsfile_a_process_started_afresh_counts_whole(statsfile):
@@ -419,4 +439,4 @@ def test_after_a_corrupt_statsfile_a_process_started_afresh_counts_whole(statsfi
         stream.write(b"garbage")
     ledger = Ledger(statsfile)
     ledger.carry(None)                      # the worker starts HAProxy itself
-    assert bytes_of(ledger.report(snap(10, http=11))) == {"HTTP": 11}
+    assert bytes_of(ledger.report(snap(10, http=11))) == {"http": 11}

@@ -78,9 +78,14 @@ def render_case(name, **settings_changes):
 
 
 def in_tmp(tmp_path):
-    """Settings changes that keep pid file and stats socket inside tmp_path."""
+    """Settings changes that keep pid file, stats socket and statsfile inside tmp_path.
+
+    The server-state file beside the statsfile is there, empty, as the worker leaves it.
+    """
+    (tmp_path / "haproxy.server-state").write_text("1\n")
     return {"pidfile": str(tmp_path / "haproxy.pid"),
-            "stats_socket": str(tmp_path / "stats.sock")}
+            "stats_socket": str(tmp_path / "stats.sock"),
+            "statsfile": str(tmp_path / "haproxy.stats")}
 
 
 def haproxy_check(text, tmp_path, name="haproxy.cfg"):
@@ -256,7 +261,25 @@ def test_no_string_from_a_job_adds_a_line(field, value):
     text = render_config(lbs, SETTINGS)
     assert text.count("\n") == BASELINE
     assert all(re.fullmatch(r"[ -~]*", line) for line in text.splitlines())
-    assert "#" not in text.split("\nglobal\n", 1)[1]
+    assert "#" not in haproxy_unquoted(text.split("\nglobal\n", 1)[1])
+
+
+def haproxy_unquoted(text):
+    """`text` without what HAProxy's tokenizer reads as quoted or escaped: a '#' left is a comment."""
+    out, quote, escaped = [], None, False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif quote:
+            if char == quote:
+                quote = None
+        elif char == "\\":
+            escaped = True
+        elif char in "'\"":
+            quote = char
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------

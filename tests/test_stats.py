@@ -142,10 +142,10 @@ def test_garbage_on_the_stats_socket_fails_stats_with_a_reason(station, http_bac
             metrics = station.must_pass({"hpcs_action": "METRICS"})
             counts = {entry["protocol"]: entry["bytes_out"] for entry in metrics["loadBalancers"]}
             if not carried_reported:
-                assert_http_bytes(counts.get("HTTP", 0), 150_000, requests, f"{name}: carried bytes")
+                assert_http_bytes(counts.get("http", 0), 150_000, requests, f"{name}: carried bytes")
                 carried_reported = True
             else:
-                assert counts.get("HTTP", 0) == 0, f"{name}: {metrics}"
+                assert counts.get("http", 0) == 0, f"{name}: {metrics}"
 
         assert station.must_pass({"hpcs_action": "DISCOVER"}).get("version")
     assert station.worker.alive()

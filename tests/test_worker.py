@@ -154,9 +154,11 @@ def test_diagnostics_checks_job_servers_and_network(worker, gearmand, gear_clien
     assert reply["hpcs_response"] == "PASS", reply
     assert reply["release"] == libra_worker.__version__
     assert reply["network"] == "PASS", reply
-    assert sorted(reply["gearman"], key=lambda entry: entry["host"]) == sorted(
-        [{"host": gearmand.address, "status": "PASS"}, {"host": dead, "status": "FAIL"}],
-        key=lambda entry: entry["host"]), reply
+    # `host` is the host alone, as Libra's worker gave it; `port` beside it.
+    assert sorted(reply["gearman"], key=lambda entry: entry["port"]) == sorted(
+        [{"host": "127.0.0.1", "port": gearmand.port, "status": "PASS"},
+         {"host": "127.0.0.1", "port": int(dead.rpartition(":")[2]), "status": "FAIL"}],
+        key=lambda entry: entry["port"]), reply
     assert outside.connections >= 1, "the network check really connected to the target"
 
 
@@ -167,7 +169,7 @@ def test_diagnostics_network_fails_without_a_reachable_target(worker, gearmand, 
     process = worker(extra_ini={"worker": {"network_check": target}})
     reply = gear_client.submit(process.name, {"hpcs_action": "diagnostics"}, TIMEOUT)
     assert reply["network"] == "FAIL", reply
-    assert reply["gearman"] == [{"host": gearmand.address, "status": "PASS"}], reply
+    assert reply["gearman"] == [{"host": "127.0.0.1", "port": gearmand.port, "status": "PASS"}], reply
 
 
 # --- logging -------------------------------------------------------------

@@ -373,8 +373,10 @@ _IPV6 = r"\[[0-9a-f:.]{2,45}\]"
 _HOST = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 _PORT = r"(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3})"
 _NUM = r"(?:0|[1-9]\d{0,9})"
-# An HTTP check path: '/' then printable ASCII without space, '#', quotes, '\', '{', '}'.
-_PATH = r"/[!$%&()*+,\-./0-9:;<=>?@A-Z\[\]^_`a-z|~]*"
+_STATE_FILE = r"/[!$%&()*+,\-./0-9:;<=>?@A-Z\[\]^_`a-z|~]*haproxy\.server-state"
+# An HTTP check path in single quotes: '/' then printable ASCII but space, a quote
+# in it written as '\'' (close, escaped quote, open again).
+_PATH = r"'/(?:[!-&(-~]|'\\'')*'"
 
 
 class TemplateOracle:
@@ -395,12 +397,14 @@ class TemplateOracle:
             r"    stats timeout 30s",
             r"    maxconn 4096",
             r"    hard-stop-after 30s",
+            rf"    server-state-file {_STATE_FILE}",
             r"    (?:user|group) [a-z_][a-z0-9_-]{0,31}",
             r"defaults",
             r"    log global",
             r"    option (?:dontlognull|redispatch)",
             r"    retries 3",
             r"    timeout (?:connect|client|server|check) \d+s",
+            r"    load-server-state-from-file global",
             r"frontend (?:http|tcp|galera)",
             r"    mode (?:http|tcp)",
             rf"    bind {bind}:{_PORT}",

@@ -126,13 +126,16 @@ class Metrics:
         self.bytes = {}
         for entry in reply["loadBalancers"]:
             protocol, count = entry["protocol"], entry["bytes_out"]
-            assert protocol in ("HTTP", "TCP", "GALERA"), reply
+            # Libra's billing (stats_sched._update_stats) only reads "http" and "tcp" rows.
+            assert protocol in ("http", "tcp"), reply
             assert type(count) is int and count >= 0, f"bytes_out must be a non-negative int: {reply}"
             assert protocol not in self.bytes, f"{protocol} reported twice: {reply}"
             self.bytes[protocol] = count
 
     def get(self, protocol):
-        return self.bytes.get(protocol, 0)
+        """The bytes of a load balancer of `protocol` (HTTP, TCP, GALERA), found as Libra's billing finds them."""
+        row = "http" if protocol.lower() == "http" else "tcp"
+        return self.bytes.get(row, 0)
 
     def __repr__(self):
         return f"<Metrics {self.reply['utc_start']}..{self.reply['utc_end']} {self.bytes}>"

@@ -152,6 +152,10 @@ def _endpoint(value):
     if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise BadRequest(f"{path}: must be an http:// or https:// URL with a host "
                          f"(got {describe(value)})")
+    if "@" in parts.netloc:
+        # Not quoted back: the URL holds a secret.  The token is the only credential sent.
+        raise BadRequest(f"{path}: must not carry credentials (user:password@host); "
+                         "the token is the only credential the worker sends")
     if parts.query or parts.fragment:
         raise BadRequest(f"{path}: a storage URL has no query or fragment (got {describe(value)})")
     return url.rstrip("/")
@@ -388,6 +392,21 @@ def _exception_chain(error):
                     *[arg for arg in current.args if isinstance(arg, BaseException)]]
 
 
+def _no_redirects(connection_class):
+    """swiftclient's Connection whose HTTP connections never follow a redirect.
+
+    requests follows 3xx by default, repeating the request (and its
+    X-Auth-Token) to wherever the answer points; with allow_redirects off
+    the 3xx comes back to swiftclient as a failed request.
+    """
+    class Connection(connection_class):
+        def http_connection(self, url=None):
+            parsed, conn = super().http_connection(url)
+            conn.requests_args["allow_redirects"] = False
+            return parsed, conn
+    return Connection
+
+
 class SwiftUpload:
     """One archive's requests to Swift, with swiftclient, no retries, `timeout` per request."""
 
@@ -412,6 +431,9 @@ class SwiftUpload:
         if status == 422:
             return CommandFailed(f"checksum mismatch: Swift answered {answer} to {what}: the data it "
                                  "received does not have the MD5 sent as its ETag")
+        if status is not None and 300 <= status < 400:
+            return CommandFailed(f"Swift answered {answer} ({what}): the worker does not follow "
+                                 "redirects, the token would travel to another address")
         if status is not None and status >= 500:
             return CommandFailed(f"Swift failed: {answer} ({what})")
         if status is None:
@@ -461,8 +483,9 @@ class SwiftUpload:
         swift.logger_settings["reveal_sensitive_prefix"] = 0
         redact = _RedactToken(self.request.token)
         swift.logger.addFilter(redact)
-        connection = swift.Connection(preauthurl=self.request.endpoint, preauthtoken=self.request.token,
-                                      retries=0, timeout=self.timeout)
+        connection = _no_redirects(swift.Connection)(
+            preauthurl=self.request.endpoint, preauthtoken=self.request.token,
+            retries=0, timeout=self.timeout)
         container = self.request.container
         try:
             if self._call(f"HEAD container '{container}'", connection.head_container, container,

@@ -13,6 +13,7 @@ serving its connections after a reload is `draining`: the driver reads it
 through HAProxy's master CLI until it exits, and drain() adds what it sent
 since its last reading, so no reload loses bytes.
 """
+import copy
 import datetime
 import json
 import logging
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from libra_worker import safe_files
+from libra_worker.errors import CommandFailed
 
 LOG = logging.getLogger(__name__)
 
@@ -30,6 +32,9 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 LB_STATES = ("NONE", "ACTIVE", "SUSPENDED", "DELETED")
 RETIRED_KEPT = 16
 PROTOCOL_BY_FRONTEND = {"http": "HTTP", "tcp": "TCP", "galera": "GALERA"}
+# The METRICS row of each protocol, as Libra's worker named it: its billing
+# (stats_sched._update_stats) looks for "http" or "tcp" and counts GALERA as tcp.
+BILLING_PROTOCOL = {"HTTP": "http", "TCP": "tcp", "GALERA": "tcp"}
 
 
 def utc_now():
@@ -40,7 +45,16 @@ def utc_now():
 class MetricsReport:
     utc_start: str
     utc_end: str
-    bytes_out: List[Tuple[str, int]]  # [(protocol, bytes)]
+    bytes_out: List[Tuple[str, int]]  # [("http" | "tcp", bytes)]
+
+
+def billing_rows(totals):
+    """{protocol: bytes} → [(billing protocol, bytes)], GALERA summed into tcp."""
+    rows = {}
+    for protocol, count in totals.items():
+        row = BILLING_PROTOCOL.get(protocol, protocol.lower())
+        rows[row] = rows.get(row, 0) + count
+    return sorted(rows.items())
 
 
 def _fresh():
@@ -127,12 +141,16 @@ class Ledger:
         return state
 
     def save(self):
-        """Atomic write: temp file in the same directory, fsync, rename."""
+        """Write the state; a failure is logged and counting goes on in memory."""
         try:
-            safe_files.write_atomic(self.path, json.dumps(self.state).encode(), 0o600, make_dir=0o700)
+            self._write()
         except OSError as error:
-            # Counting goes on in memory; the next save may succeed.
+            # The next save may succeed; METRICS refuses to report until one does.
             LOG.error("cannot write statsfile %s: %s", self.path, error)
+
+    def _write(self):
+        """Atomic, durable write (temp file, fsync, rename, fsync of the directory); OSError."""
+        safe_files.write_atomic(self.path, json.dumps(self.state).encode(), 0o600, make_dir=0o700)
 
     # -- lifecycle state ----------------------------------------------------
     @property
@@ -252,6 +270,13 @@ class Ledger:
             return self._report(snapshot)
 
     def _report(self, snapshot):
+        """A report is only given once the window it closes is on disk.
+
+        Otherwise a restarted worker would report the same bytes again: on a
+        failed write the state goes back to what it was, and the next METRICS
+        that can be saved reports these bytes, once.
+        """
+        before = copy.deepcopy(self.state)
         totals = dict(self.state["carried"])
         snapshot = self._current(snapshot)
         if snapshot is not None:
@@ -261,10 +286,17 @@ class Ledger:
             self._advance(snapshot, counters)
         # Windows never overlap, even when the clock was set back.
         utc_end = max(utc_now(), self.state["window_start"])
-        report = MetricsReport(self.state["window_start"], utc_end, sorted(totals.items()))
+        report = MetricsReport(self.state["window_start"], utc_end, billing_rows(totals))
         self.state["carried"] = {}
         self.state["window_start"] = utc_end
-        self.save()
+        try:
+            self._write()
+        except OSError as error:
+            self.state = before
+            LOG.error("METRICS not reported: cannot write statsfile %s: %s", self.path, error)
+            raise CommandFailed(f"cannot save the METRICS window to the statsfile {self.path}: "
+                                f"{error.strerror or error}; the window was not moved, the next "
+                                "METRICS reports these bytes") from None
         return report
 
     def reset(self):

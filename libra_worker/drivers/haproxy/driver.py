@@ -8,7 +8,7 @@ import logging
 import threading
 
 from libra_worker import safe_files
-from libra_worker.drivers.haproxy import archive, logsink, render
+from libra_worker.drivers.haproxy import archive, logsink, render, server_state
 from libra_worker.drivers.haproxy.drain import DrainFollower
 from libra_worker.drivers.haproxy.commands import SERVICE, Commands
 from libra_worker.drivers.haproxy.config_files import ConfigStore
@@ -102,6 +102,7 @@ class HAProxyDriver:
             except OSError as error:
                 LOG.error("cannot receive HAProxy's log at %s: %s", self.settings.log_target, error)
         self.drain_follower.start()
+        server_state.clear(server_state.path_for(self.settings.statsfile))  # only a reload fills it
         if self.service.running():
             LOG.info("adopted the running HAProxy (worker pid %s)", self.service.worker_pid())
         elif self.ledger.lb_state == "ACTIVE" and self.configs.exists():
@@ -154,7 +155,7 @@ class HAProxyDriver:
             if was_running:
                 if runtime is not None:  # the runtime path gave up half-way
                     held = self._hold_old_process()
-                self._reload(held)
+                self._reload(held, load_balancers)
             else:
                 self.ledger.carry(None)
                 self.service.start()
@@ -206,14 +207,19 @@ class HAProxyDriver:
                 LOG.info("the held stats session gave no counters: %s", error)
         self.ledger.carry(reading if reading is not None else self._snapshot_or_none())
 
-    def _reload(self, held):
+    def _reload(self, held, load_balancers):
         """Reload; `held` keeps the old process alive until its last bytes are read."""
+        state_file = server_state.path_for(self.settings.statsfile)
+        server_state.save(self.stats_socket.ask, state_file, self.applied, load_balancers,
+                          render.backend_name)
         try:
             self.service.reload()
         except JobError:
             if held is not None:
                 held.close()
             raise
+        finally:
+            server_state.clear(state_file)
         if held is not None:
             self.drain_follower.hold(held)
 

@@ -28,8 +28,14 @@ AGGREGATE_ROWS = ("FRONTEND", "BACKEND")
 
 
 def node_status(haproxy_status):
-    """Only a server HAProxy reports fully up is UP ('UP 1/3' is going down)."""
-    return "UP" if haproxy_status.strip() == "UP" else "DOWN"
+    """'UP' when HAProxy routes traffic to the server, else 'DOWN'.
+
+    'UP 1/3' is up with failed checks counting toward down: it still takes
+    traffic, and Libra's admin API would mark it ERROR on a 'DOWN'.
+    'DOWN 1/2' (going up), MAINT, NOLB, DRAIN and 'no check' are DOWN.
+    """
+    status = haproxy_status.strip()
+    return "UP" if status == "UP" or status.startswith("UP ") else "DOWN"
 
 
 class StatRow(NamedTuple):

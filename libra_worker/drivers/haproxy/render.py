@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import jinja2
 
+from libra_worker.drivers.haproxy import server_state
 from libra_worker.errors import ConfigError
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
@@ -31,6 +32,8 @@ DEFAULT_CHECK = {"inter": 5, "rise": 2, "fall": 3, "timeout": None, "http_path":
 
 # One configuration word: printable ASCII except space, '#', quotes, '\', '{', '}'.
 _WORD = re.compile(r"[!$%&()*+,\-./0-9:;<=>?@A-Z\[\]^_`a-z|~]+")
+# A health-check path: any printable ASCII but space; the template single-quotes it.
+_CHECK_PATH = re.compile(r"/[\x21-\x7e]*")
 
 _environment = None
 
@@ -68,6 +71,12 @@ def _word(value, what):
     return value
 
 
+def _check_path(value):
+    if not isinstance(value, str) or not _CHECK_PATH.fullmatch(value):
+        raise ValueError(f"monitor path: not '/' and printable ASCII: {value!r:.60}")
+    return value
+
+
 def _number(value, what):
     if type(value) is not int:
         raise ValueError(f"{what}: not an integer: {value!r:.60}")
@@ -91,7 +100,7 @@ def _check(lb):
         "rise": _number(monitor.attempts, "monitor attempts"),
         "fall": monitor.attempts,
         "timeout": _number(monitor.timeout, "monitor timeout"),
-        "http_path": (_word(monitor.path, "monitor path")
+        "http_path": (_check_path(monitor.path)
                       if monitor.type == "HTTP" else None),
     }
 
@@ -154,6 +163,7 @@ def render_config(load_balancers, settings, *, user=None, group=None) -> str:
         "stats_socket": _setting(settings, "stats_socket"),
         "bind_address": _setting(settings, "bind_address"),
         "bind_ipv6": ":" in settings.bind_address,
+        "server_state_file": _word(server_state.path_for(settings.statsfile), "server-state file"),
         "user": None if user is None else _word(user, "user"),
         "group": None if group is None else _word(group, "group"),
         "load_balancers": [_proxy(lb) for lb in load_balancers],
