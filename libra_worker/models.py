@@ -57,8 +57,10 @@ MAX_HOSTNAME = 253
 
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-# Printable ASCII without space, '#', quotes, backslash and braces.
-_PATH = re.compile(r"/[!$%&()*+,\-./0-9:;<=>?@A-Z\[\]^_`a-z|~]*")
+# One HAProxy configuration word: printable ASCII without space, '#', quotes,
+# backslash and braces (the renderer and the settings check their words with it).
+CONFIG_WORD = re.compile(r"[!$%&()*+,\-./0-9:;<=>?@A-Z\[\]^_`a-z|~]+")
+_PATH = re.compile(f"/(?:{CONFIG_WORD.pattern})?")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _IPV4_CHARS = re.compile(r"[0-9.]+")
 # A dotted quad already in canonical form (no leading zeros) is its own normal form.

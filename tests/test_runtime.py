@@ -36,7 +36,7 @@ def servers_state(device, backend):
 def last_update_path(device):
     lines = [line for line in device.worker.log_text().splitlines() if " UPDATE PASS " in line]
     assert lines, device.worker.log_text()
-    return re.search(r"\((unchanged|runtime|reload)\)", lines[-1]).group(1)
+    return re.search(r"\((unchanged|runtime|reload|start)\)", lines[-1]).group(1)
 
 
 def test_weight_change_needs_no_reload(device, http_backend, tcp_backend):
