@@ -92,7 +92,11 @@ class Executor:
                 if time.monotonic() > deadline:
                     raise RuntimeRefused(f"{waiting[0].line!r} still had connections after {REMOVE_WAIT:g}s")
                 time.sleep(REMOVE_RETRY_INTERVAL)
-                waiting = [again for batch in runtime_batches(waiting) for again in self._send(session, batch)]
+                retries = []
+                for command in waiting:
+                    retries.extend(plans.RuntimeCommand(line, plans.NUDGE_EXPECT) for line in command.nudge)
+                    retries.append(command)
+                waiting = [again for batch in runtime_batches(retries) for again in self._send(session, batch)]
         finally:
             session.close()
 

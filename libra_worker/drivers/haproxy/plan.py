@@ -58,6 +58,7 @@ class RuntimeCommand:
     line: str            # one stats-socket command, from templates/runtime.j2
     expect: re.Pattern   # what HAProxy answers when it worked
     retry: Optional[re.Pattern] = None  # an answer that means "not yet": send it again shortly
+    nudge: Tuple[str, ...] = ()         # lines sent just before each retry
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,11 @@ _EXPECT = {
     "del_server": re.compile(r"\A\s*Server deleted\."),
 }
 # `del server` of a server (already in maintenance) that still has a connection: its
-# last request is finishing, or HAProxy 2.6 has not yet closed its idle connections.
+# last request is finishing, or it has idle connections.  HAProxy 2.6 keeps a
+# connection that went idle after the server entered maintenance until the
+# server moves: each retry moves it to another port first (it takes no traffic).
 _STILL_CONNECTED = re.compile(r"still has connections", re.I)
+_ANY = re.compile(r"")
 
 
 def plan_update(requested, config, applied, accepts=Accepts()):
@@ -160,6 +164,10 @@ def _diff(old, new, accepts):
     return changes, ""
 
 
+# The answer to a nudge does not matter: the `del server` after it is what is checked.
+NUDGE_EXPECT = _ANY
+
+
 def runtime_commands(old_lbs, new_lbs, accepts=Accepts()):
     """([RuntimeCommand], "") turning running `old_lbs` into `new_lbs`, or (None, reason)."""
     if len(old_lbs) != len(new_lbs):
@@ -177,11 +185,12 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts()):
     macros = render.environment().get_template("runtime.j2").module
     commands = []
 
-    def add(kind, lb, nodes, *args, retry=None):
+    def lines(kind, lb, nodes, *args):
+        return [line for line in str(getattr(macros, kind)(lb, nodes, *args)).splitlines() if line]
+
+    def add(kind, lb, nodes, *args):
         if nodes:
-            expect = _EXPECT[kind]
-            lines = str(getattr(macros, kind)(lb, nodes, *args)).splitlines()
-            commands.extend(RuntimeCommand(line, expect, retry) for line in lines if line)
+            commands.extend(RuntimeCommand(line, _EXPECT[kind]) for line in lines(kind, lb, nodes, *args))
 
     for lb, changes in diffs:
         # A dynamic server starts in maintenance: checks on, then ready (unless DISABLED:
@@ -193,5 +202,9 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts()):
         add("set_weight", lb, changes.weighed)
         add("set_state", lb, changes.enabled, "ready")
         add("set_state", lb, changes.disabled + changes.removed, "maint")
-        add("del_server", lb, changes.removed, retry=_STILL_CONNECTED)
+        if changes.removed:
+            moves = lines("move_aside", lb, changes.removed)
+            commands.extend(RuntimeCommand(line, _EXPECT["del_server"], _STILL_CONNECTED,
+                                           tuple(moves[2 * index:2 * index + 2]))
+                            for index, line in enumerate(lines("del_server", lb, changes.removed)))
     return commands, ""
