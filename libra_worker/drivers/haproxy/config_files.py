@@ -93,7 +93,7 @@ class ConfigStore:
             raise
 
     def restore(self, had_live):
-        """Put back what install() replaced (or remove the file it created)."""
+        """Put back what commit() replaced (or remove the file it created)."""
         if had_live:
             self.commands.copy(self.backup_path, self.staging_path)
             self.commands.move(self.staging_path, self.path)
