@@ -38,6 +38,7 @@ RUNTIME_UPDATES = 50         # UPDATEs adding and removing a node under load (ru
 RELOAD_TARGET = 1.1          # an UPDATE that reloads, against the reload floor
 RUNTIME_TARGET = 0.4         # an UPDATE of nodes only, against the same floor (HAProxy 3.0)
 NODE_CHANGES = ("add", "remove", "weight", "condition", "address")
+MAX_NODES = 10_000           # per load balancer (models.MAX_NODES)
 SLOW_CHECKS = {"type": "CONNECT", "delay": 3600, "timeout": 1, "attempts": 1}
 CLIENTS = 4
 
@@ -107,11 +108,11 @@ def node_change_messages(protocol, port, count, change):
     def message(nodes):
         return {"hpcs_action": "UPDATE", "loadBalancers": [{
             "protocol": protocol, "port": port, "monitor": SLOW_CHECKS, "nodes": nodes}]}
-    if change in ("add", "remove"):
+    if change in ("add", "remove"):   # beside one node that stays (10,000 at most in all)
         anchor = node_list(protocol, 1, first_port=19999, prefix="anchor")
         few = message(anchor)
         many = message(anchor + [dict(n, backup=True) if protocol == "GALERA" else n
-                                 for n in node_list(protocol, count)])
+                                 for n in node_list(protocol, min(count, MAX_NODES - 1))])
         return (few, many) if change == "add" else (many, few)
     if change == "weight":
         return message(node_list(protocol, count, weight=2)), message(node_list(protocol, count, weight=3))
@@ -455,7 +456,8 @@ class Bench:
         measured, floor = median(medians["worker"]), median(medians["floor"])
         path = "/".join(sorted(set(paths)))
         target = RUNTIME_TARGET if path == "runtime" else RELOAD_TARGET
-        self.add(Figure(f"UPDATE {change} {count:,} {protocol} nodes ({path})", measured * 1e3, "ms",
+        changed = min(count, MAX_NODES - 1) if change in ("add", "remove") else count
+        self.add(Figure(f"UPDATE {change} {changed:,} {protocol} nodes ({path})", measured * 1e3, "ms",
                         floor * 1e3, measured / floor, f"<= {target:g}x", judge(measured / floor, target),
                         f"{rounds} interleaved round(s); each round applies the config without the change "
                         f"(untimed), then times the UPDATE that makes it; path taken: {path} (same HAProxy "

@@ -203,6 +203,26 @@ def test_a_host_name_moved_to_or_added():
     assert chosen.kind == plan.RELOAD and "host name" in chosen.reason
 
 
+def test_thousands_of_nodes_added_to_a_big_backend_reload_faster():
+    """`add server` costs more the more servers the backend has: past MAX_ADD_WORK a reload wins."""
+    anchor = [node("anchor", port=1)]
+    many = [node(f"n{i}", port=1000 + i) for i in range(9_999)]
+    assert decide(lbs("TCP", anchor), lbs("TCP", anchor + many[:1_000])).kind == plan.RUNTIME
+    assert decide(lbs("TCP", many[:9_000]), lbs("TCP", many[:9_100])).kind == plan.RUNTIME
+    chosen = decide(lbs("TCP", anchor), lbs("TCP", anchor + many))
+    assert chosen.kind == plan.RELOAD and "9999 nodes are added" in chosen.reason
+    assert decide(lbs("TCP", many[:8_000]), lbs("TCP", many[:9_999])).kind == plan.RELOAD
+
+
+def test_most_of_a_big_backend_removed_reloads_faster():
+    anchor = [node("anchor", port=1)]
+    many = [node(f"n{i}", port=1000 + i) for i in range(9_999)]
+    assert decide(lbs("TCP", anchor + many[:1_000]), lbs("TCP", anchor)).kind == plan.RUNTIME
+    assert decide(lbs("TCP", many), lbs("TCP", many[:5_000])).kind == plan.RUNTIME
+    chosen = decide(lbs("TCP", anchor + many), lbs("TCP", anchor))
+    assert chosen.kind == plan.RELOAD and "9999 of 10000 nodes are removed" in chosen.reason
+
+
 def test_a_hand_built_model_with_an_unsafe_value_is_refused_not_sent():
     old = lbs("TCP", [node("a")])
     (good,) = old

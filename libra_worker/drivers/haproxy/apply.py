@@ -58,10 +58,11 @@ class Executor:
         self.ledger = ledger
         self.drain_follower = drain_follower
         self.lost_track = False  # a roll-back failed too: what runs is no longer known
+        self.refused = False     # the last plan's runtime commands were refused
 
     def carry_out(self, plan):
         """Make the device run `plan`; returns the path taken, or raises JobError (nothing changed)."""
-        self.lost_track = False
+        self.lost_track = self.refused = False
         if plan.kind == plans.UNCHANGED:
             return plans.UNCHANGED
         if plan.kind == plans.START:
@@ -71,6 +72,7 @@ class Executor:
                 self._apply_at_runtime(plan.commands)
             except RuntimeRefused as why:
                 LOG.warning("%s: reloading instead", why)
+                self.refused = True
                 return self._swap(plan.config, running=True, half_changed=True)
             self._write_after_runtime(plan.config)
             return plans.RUNTIME

@@ -5,6 +5,7 @@ before re-raising, so a FAIL leaves HAProxy serving what it served before.
 """
 import functools
 import logging
+import os
 import threading
 
 from libra_worker.drivers.haproxy import archive, logsink, plan, render
@@ -37,6 +38,15 @@ def exclusive(action):
     return locked
 
 
+def _identity(path):
+    """Which file `path` is now (an upgrade replaces it), or None."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size
+
+
 class HAProxyDriver:
     def __init__(self, settings):
         self.settings = settings
@@ -46,7 +56,7 @@ class HAProxyDriver:
         self.configs = ConfigStore(settings, self.commands)
         self.ledger = Ledger(settings.statsfile)
         self.applied = None  # the load balancers HAProxy runs, when this worker applied them
-        self.accepts = None  # plan.Accepts of the running HAProxy, once asked
+        self.accepts = None  # (binary identity, plan.Accepts) of the running HAProxy, once asked
         self.busy = threading.Lock()
         self.drain_follower = DrainFollower(self.ledger, self.service, self.busy)
         self.log_sink = logsink.for_settings(settings)  # process mode: HAProxy's log → logfile
@@ -97,26 +107,31 @@ class HAProxyDriver:
         try:
             how = self.executor.carry_out(chosen)
         except JobError:
-            self.accepts = None
             if self.executor.lost_track:
                 self.applied = None
             raise
-        if how in (plan.RELOAD, plan.START):
-            self.accepts = None  # the new process may be another binary (an upgrade)
+        finally:
+            if self.executor.refused:
+                self.accepts = None  # learn again what this HAProxy accepts
         self.applied = load_balancers
         if self.ledger.lb_state != "ACTIVE":
             self.ledger.set_lb_state("ACTIVE")
         return how
 
     def _accepts(self):
-        """What the running HAProxy takes at run time, from its `show info` (once per process)."""
-        if self.accepts is None:
+        """What the running HAProxy takes at run time, from its `show info`.
+
+        Asked again only when the binary changed (a reload runs the binary at
+        `haproxy`: an upgrade) or HAProxy refused something since.
+        """
+        binary = _identity(self.settings.haproxy)
+        if self.accepts is None or self.accepts[0] != binary:
             try:
-                self.accepts = plan.Accepts.from_info(self.stats_socket.ask("show info"))
+                self.accepts = (binary, plan.Accepts.from_info(self.stats_socket.ask("show info")))
             except ServiceError as error:
                 LOG.info("HAProxy's version is unknown (%s): assuming the least", error)
                 return plan.Accepts()
-        return self.accepts
+        return self.accepts[1]
 
     @exclusive
     def suspend(self):
