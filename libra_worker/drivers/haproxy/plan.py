@@ -16,7 +16,6 @@
 
 Pure: plain values in, a Plan out, no I/O.  apply.py carries a Plan out.
 """
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -128,12 +127,12 @@ def frame(lb):
     return (lb.protocol, lb.port, lb.algorithm, lb.monitor, lb.options)
 
 
+_DOTTED_QUAD = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+
+
 def _is_ip(address):
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
+    """An address as models.py keeps it (normalized): IPv6 has ':', IPv4 is a dotted quad."""
+    return ":" in address or _DOTTED_QUAD.fullmatch(address) is not None
 
 
 class _Changes:
