@@ -77,11 +77,6 @@ class Plan:
     commands: Tuple[RuntimeCommand, ...] = ()  # RUNTIME: sent in this order
     reason: str = ""                           # RELOAD: why the runtime API cannot do it
 
-    @property
-    def path(self):
-        """How the UPDATE was done, for the log line and the bench: e.g. 'reload'."""
-        return self.kind
-
 
 _SILENT = re.compile(r"\A\s*\Z")
 _EXPECT = {
