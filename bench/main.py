@@ -34,6 +34,12 @@ LOAD_RATE = 250              # new HTTP connections per second (target: >= 200)
 MIN_LOAD_RATE = 200
 KEEPALIVE_CLIENTS = 6        # alongside: clients reusing their connections (HTTP keep-alive)
 RELOADS = 50
+RUNTIME_UPDATES = 50         # UPDATEs adding and removing a node under load (runtime API)
+RELOAD_TARGET = 1.1          # an UPDATE that reloads, against the reload floor
+RUNTIME_TARGET = 0.4         # an UPDATE of nodes only, against the same floor (HAProxy 3.0)
+NODE_CHANGES = ("add", "remove", "weight", "condition", "address")
+MAX_NODES = 10_000           # per load balancer (models.MAX_NODES)
+SLOW_CHECKS = {"type": "CONNECT", "delay": 3600, "timeout": 1, "attempts": 1}
 CLIENTS = 4
 
 
@@ -50,8 +56,9 @@ class Plan:
         self.tput_seconds = 1.0 if quick else 2.0
         self.rss_jobs = 2_000 if quick else 10_000
         self.update_rounds = {10: 3, 1_000: 2, 10_000: 1} if quick else {10: 12, 1_000: 16, 10_000: 4}
-        # UPDATEs that change only weights: the worker may use the runtime API (100: its batch size)
-        self.weights_rounds = {10: 2, 100: 2, 1_000: 1} if quick else {10: 6, 100: 6, 1_000: 12, 10_000: 2}
+        # UPDATEs that change only nodes (add, remove, weight, condition, address), per size
+        self.node_rounds = {10: 2, 1_000: 1, 10_000: 1} if quick else {10: 6, 1_000: 4, 10_000: 2}
+        self.node_protocols = ("HTTP", "TCP", "GALERA")
 
 
 def median(values):
@@ -89,6 +96,31 @@ def update_message(port, nodes, weight=1, monitor=None, first_node_port=20000, v
                    "weight": weight} for i in range(nodes)]}]}
 
 
+def node_list(protocol, count, first_port=20000, weight=1, condition="ENABLED", prefix="node"):
+    """`count` nodes at 127.0.0.1:first_port+i; GALERA: all but the first are backup."""
+    return [{"id": f"{prefix}-{i}", "address": "127.0.0.1", "port": first_port + i, "weight": weight,
+             "condition": condition, **({"backup": True} if protocol == "GALERA" and i else {})}
+            for i in range(count)]
+
+
+def node_change_messages(protocol, port, count, change):
+    """(A, B): two UPDATEs that differ only by `count` nodes' `change`; A → B is measured."""
+    def message(nodes):
+        return {"hpcs_action": "UPDATE", "loadBalancers": [{
+            "protocol": protocol, "port": port, "monitor": SLOW_CHECKS, "nodes": nodes}]}
+    if change in ("add", "remove"):   # beside one node that stays (10,000 at most in all)
+        anchor = node_list(protocol, 1, first_port=19999, prefix="anchor")
+        few = message(anchor)
+        many = message(anchor + [dict(n, backup=True) if protocol == "GALERA" else n
+                                 for n in node_list(protocol, min(count, MAX_NODES - 1))])
+        return (few, many) if change == "add" else (many, few)
+    if change == "weight":
+        return message(node_list(protocol, count, weight=2)), message(node_list(protocol, count, weight=3))
+    if change == "condition":
+        return message(node_list(protocol, count)), message(node_list(protocol, count, condition="DISABLED"))
+    return message(node_list(protocol, count)), message(node_list(protocol, count, first_port=40000))
+
+
 class Bench:
     def __init__(self, plan, workdir):
         self.plan = plan
@@ -109,7 +141,7 @@ class Bench:
         self.worker = procs.LibraWorker(os.path.join(self.dir, "worker"), self.gearmand, WORKER_NAME).start()
         self.echo = procs.EchoWorker(os.path.join(self.dir, "echo"), self.gearmand, ECHO_NAME).start()
         self.backends = [procs.HttpBackend(os.path.join(self.dir, "backends"), name).start()
-                         for name in ("node-a", "node-b")]
+                         for name in ("node-a", "node-b", "node-c")]
         self.client = Client(self.gearmand.address)
         for name, process in ((WORKER_NAME, self.worker), (ECHO_NAME, self.echo)):
             try:
@@ -357,54 +389,116 @@ class Bench:
                         samples=kept))
 
     def update_sizes(self):
-        for nodes in sorted(set(self.plan.update_rounds) | set(self.plan.weights_rounds)):
+        for nodes in sorted(self.plan.update_rounds):
             self.update(update_message(self.lb_port, nodes, weight=3, variant=3))   # warm-up: this size
-            if self.plan.update_rounds.get(nodes):
-                self.update_figure(nodes, self.plan.update_rounds[nodes], weights_only=False)
-            if self.plan.weights_rounds.get(nodes):
-                self.update_figure(nodes, self.plan.weights_rounds[nodes], weights_only=True)
+            self.update_figure(nodes, self.plan.update_rounds[nodes])
 
-    def update_figure(self, nodes, rounds, weights_only):
+    def current_worker(self):
+        return haproxy.current_worker(haproxy.show_proc(self.worker.master_socket))
+
+    def update_figure(self, nodes, rounds):
         """UPDATE round trips (A) interleaved with haproxy -c + reload of the config they wrote (B).
 
-        weights_only=False: each UPDATE also moves the client timeout, a change
-        only a reload applies.  True: only the weights change, which the worker
-        may apply through the runtime API instead; the floor stays the reload.
+        Each UPDATE also moves the client timeout, a change only a reload applies.
         """
-        port, counter, paths = self.lb_port, [0], []
-        fixed_variant = 2 if weights_only else None
+        port, counter = self.lb_port, [0]
 
         def worker_side():
             counter[0] += 1
             flip = 1 + counter[0] % 2
-            message = update_message(port, nodes, weight=flip + (2 if weights_only else 0),
-                                     variant=fixed_variant if weights_only else flip)
-            before = haproxy.current_worker(haproxy.show_proc(self.worker.master_socket))
-            seconds = self.update(message)
-            reloaded = haproxy.current_worker(haproxy.show_proc(self.worker.master_socket)) != before
-            if not weights_only and not reloaded:
+            before = self.current_worker()
+            seconds = self.update(update_message(port, nodes, weight=flip, variant=flip))
+            if self.current_worker() == before:
                 raise RuntimeError(f"an UPDATE of {nodes} nodes did not reload HAProxy: "
                                    f"not comparable with the floor")
-            paths.append("reload" if reloaded else "runtime API")
             return [seconds]
 
         def floor_side():
             return [haproxy.check_and_reload(self.worker.config, self.worker.master_socket)]
 
-        if weights_only:   # the running config these UPDATEs start from: weights 5, then 4, 3, 4, ...
-            self.update(update_message(port, nodes, weight=5, variant=fixed_variant))
         medians = interleave(rounds, {"worker": worker_side, "floor": floor_side})
         measured, floor = median(medians["worker"]), median(medians["floor"])
-        what = ("weights only" if weights_only else "reload")
-        how = ("only the weights change (" + ", ".join(sorted(set(paths))) + ")" if weights_only
-               else "each a config only a reload applies (weights and client timeout alternating)")
-        self.add(Figure(f"UPDATE round trip, {nodes:,} nodes, {what}", measured * 1e3, "ms", floor * 1e3,
-                        measured / floor, "<= 1.3x", judge(measured / floor, 1.3),
-                        f"{rounds} interleaved round(s); UPDATEs: {how}; floor: `haproxy -c -f` of the "
-                        f"config the worker wrote + `reload` on the same master CLI + `show proc` every "
-                        f"{haproxy.POLL_INTERVAL * 1e3:g} ms until the new worker; worker "
-                        f"{spread(medians['worker'])} ms, floor {spread(medians['floor'])} ms",
+        self.add(Figure(f"UPDATE round trip, {nodes:,} nodes, reload", measured * 1e3, "ms", floor * 1e3,
+                        measured / floor, f"<= {RELOAD_TARGET:g}x", judge(measured / floor, RELOAD_TARGET),
+                        f"{rounds} interleaved round(s); UPDATEs: each a config only a reload applies (weights "
+                        f"and client timeout alternating); floor: `haproxy -c -f` of the config the worker wrote "
+                        f"+ `reload` on the same master CLI + `show proc` every {haproxy.POLL_INTERVAL * 1e3:g} ms "
+                        f"until the new worker; worker {spread(medians['worker'])} ms, floor "
+                        f"{spread(medians['floor'])} ms",
+                        {"worker_s": medians["worker"], "floor_s": medians["floor"]}))
+
+    def node_changes(self):
+        """Every node-level change, per protocol and size, against the reload floor of the same config."""
+        port = procs.free_port()
+        for count in sorted(self.plan.node_rounds):
+            for protocol in self.plan.node_protocols:
+                for change in NODE_CHANGES:
+                    self.node_change_figure(protocol, port, count, change, self.plan.node_rounds[count])
+        self.update(self.base_lb(1, 2))   # what the other steps expect
+
+    def node_change_figure(self, protocol, port, count, change, rounds):
+        """A → B (the change) timed, interleaved with haproxy -c + reload of B's config; B → A untimed."""
+        before_message, after_message = node_change_messages(protocol, port, count, change)
+        paths = []
+
+        def worker_side():
+            self.update(before_message)
+            before = self.current_worker()
+            seconds = self.update(after_message)
+            paths.append("runtime" if self.current_worker() == before else "reload")
+            return [seconds]
+
+        def floor_side():   # the config B wrote is live: the floor reloads it as is
+            return [haproxy.check_and_reload(self.worker.config, self.worker.master_socket)]
+
+        self.update(after_message)
+        medians = interleave(rounds, {"worker": worker_side, "floor": floor_side})
+        measured, floor = median(medians["worker"]), median(medians["floor"])
+        path = "/".join(sorted(set(paths)))
+        target = RUNTIME_TARGET if path == "runtime" else RELOAD_TARGET
+        changed = min(count, MAX_NODES - 1) if change in ("add", "remove") else count
+        self.add(Figure(f"UPDATE {change} {changed:,} {protocol} nodes ({path})", measured * 1e3, "ms",
+                        floor * 1e3, measured / floor, f"<= {target:g}x", judge(measured / floor, target),
+                        f"{rounds} interleaved round(s); each round applies the config without the change "
+                        f"(untimed), then times the UPDATE that makes it; path taken: {path} (same HAProxy "
+                        f"worker before and after = runtime); floor: `haproxy -c -f` + reload of the config "
+                        f"the timed UPDATE wrote; worker {spread(medians['worker'])} ms, floor "
+                        f"{spread(medians['floor'])} ms",
                         {"worker_s": medians["worker"], "floor_s": medians["floor"], "paths": paths}))
+
+    def runtime_under_load(self):
+        """The third back-end added and removed RUNTIME_UPDATES times under the reload figure's load."""
+        load = subprocess.Popen([procs.PYTHON, "-m", "bench.httpload", str(self.lb_port), str(LOAD_RATE), "300",
+                                 str(KEEPALIVE_CLIENTS)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, PYTHONPATH=str(procs.PROJECT)))
+        two, three = self.base_lb(1, 1), self.base_lb(1, 1)
+        three["loadBalancers"][0]["nodes"].append(
+            {"id": self.backends[2].name, "address": "127.0.0.1", "port": self.backends[2].port, "weight": 1})
+        self.update(two)
+        paths, seconds = [], []
+        try:
+            time.sleep(1.0)
+            for index in range(RUNTIME_UPDATES):
+                before = self.current_worker()
+                seconds.append(self.update(three if index % 2 == 0 else two))
+                paths.append("runtime" if self.current_worker() == before else "reload")
+                time.sleep(0.05)
+            time.sleep(1.0)
+        finally:
+            out, err = load.communicate("stop\n", timeout=60)
+        if load.returncode != 0:
+            raise RuntimeError(f"the HTTP load generator failed: {err.strip()[-300:]}")
+        result = json.loads(out)
+        failed = result["failed"] + result["keepalive"]["failed"]
+        counted = ", ".join(f"{paths.count(path)} {path}" for path in sorted(set(paths)))
+        self.add(Figure(f"failed requests across {RUNTIME_UPDATES} UPDATEs adding/removing a node", failed,
+                        "failed", target="0", result="PASS" if failed == 0 else "FAIL",
+                        detail=f"{result['requests']} new connections at {result['rate']:.0f}/s and "
+                               f"{result['keepalive']['requests']} keep-alive requests through HAProxy while "
+                               f"{RUNTIME_UPDATES} UPDATEs added and removed a third back-end; paths: {counted}; "
+                               f"UPDATE median {median(seconds) * 1e3:.1f} ms",
+                        samples={"load": result, "paths": paths}))
 
     def rss_big(self):
         self.call(WORKER_NAME, json.dumps(STATS).encode())
@@ -422,7 +516,9 @@ class Bench:
                 ("stats", "STATS", self.stats_rt), ("throughput", "throughput", self.throughput),
                 ("rss-jobs", "RSS after jobs", self.rss_after_jobs),
                 ("hitless", "reloads under load", self.reloads_under_load),
-                ("update", "UPDATE sizes", self.update_sizes), ("rss-big", "RSS, 10,000 nodes", self.rss_big)]
+                ("hitless-runtime", "runtime UPDATEs under load", self.runtime_under_load),
+                ("update", "UPDATE sizes", self.update_sizes), ("nodes", "node changes", self.node_changes),
+                ("rss-big", "RSS, 10,000 nodes", self.rss_big)]
 
     def run(self, only=None):
         for name, label, step in self.steps():
@@ -470,7 +566,7 @@ def main(argv=None):
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
     parser.add_argument("--only", metavar="STEP[,STEP]", type=lambda text: set(text.split(",")),
                         help="run only these steps (a partial table): rss, discover, stats, throughput, "
-                             "rss-jobs, hitless, update, rss-big")
+                             "rss-jobs, hitless, hitless-runtime, update, nodes, rss-big")
     args = parser.parse_args(argv)
     for tool in (procs.GEARMAND, procs.HAPROXY, procs.SOCAT):
         if not os.access(tool, os.X_OK):

@@ -9,10 +9,6 @@ class BadRequest(JobError):
     """The message is malformed or misses something (adds `badRequest`)."""
 
 
-class NotSupported(JobError):
-    """The action exists in the protocol but this driver cannot do it."""
-
-
 class CommandFailed(JobError):
     """A command on the device failed; the text carries its own message."""
 

@@ -59,9 +59,12 @@ MAX_HOSTNAME = 253
 
 _DIGITS = re.compile(r"[0-9]{1,10}")
 _NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# One HAProxy configuration word: printable ASCII without space, '#', quotes,
+# backslash and braces (the renderer and the settings check their words with it).
+CONFIG_WORD = re.compile(r"[!$%&()*+,\-./0-9:;<=>?@A-Z\[\]^_`a-z|~]+")
 # Any printable ASCII but space: the template quotes it for HAProxy, so
 # '#', '$', quotes and backslashes reach the back-end as they are.
-_PATH = re.compile(r"/[\x21-\x7e]*")
+MONITOR_PATH = re.compile(r"/[\x21-\x7e]*")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _IPV4_CHARS = re.compile(r"[0-9.]+")
 # A dotted quad already in canonical form (no leading zeros) is its own normal form.
@@ -230,7 +233,7 @@ def _address(value, path):
 
 def _http_path(value, path):
     """A health-check path HAProxy can send as it is: '/' then printable ASCII, no space."""
-    if isinstance(value, str) and len(value) <= MAX_PATH and _PATH.fullmatch(value):
+    if isinstance(value, str) and len(value) <= MAX_PATH and MONITOR_PATH.fullmatch(value):
         return value
     raise _invalid(path, f"must start with '/' and be at most {MAX_PATH} printable ASCII "
                          "characters without spaces (an HTTP request line cannot carry others)",

@@ -6,13 +6,13 @@ INI file or argv.  Every bad value raises ConfigError naming the option.
 import argparse
 import configparser
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 from libra_worker import __version__
 from libra_worker.errors import ConfigError
+from libra_worker.models import CONFIG_WORD
 
 DEFAULT_CONFIG = "/etc/libra/libra.cfg"
 DEFAULT_GEARMAN_PORT = 4730
@@ -20,7 +20,6 @@ SERVICE_MODES = ("system", "process")
 DRIVERS = ("haproxy",)
 
 HostPort = Tuple[str, int]
-_CONFIG_WORD = re.compile(r"[^\s#\"'\\{}]+")
 
 
 @dataclass(frozen=True)
@@ -220,7 +219,7 @@ def _haproxy(ini):
             raise ConfigError(f"[worker:haproxy] {key}", value, "must not be empty")
         paths[key] = value
     for key, value in paths.items():
-        if not _CONFIG_WORD.fullmatch(value):
+        if not CONFIG_WORD.fullmatch(value):
             # These go into the HAProxy config or onto command lines as one word.
             raise ConfigError(f"[worker:haproxy] {key}", value,
                               "must be one word without spaces, '#', quotes, '\\' or braces")

@@ -28,6 +28,10 @@ from libra_worker import settings as settings_module
 
 JOB_TIMEOUT = 30.0
 
+# A load balancer setting changes too: only a reload applies it, on every HAProxy
+# (3.0 would add and remove the HTTP nodes alone at run time, with no haproxy -c).
+RELOADING = {"options": {"client_timeout": 31000}}
+
 
 @pytest.fixture
 def web():
@@ -72,7 +76,7 @@ def test_gearmand_killed_mid_update_and_restarted(tmp_path, web):
         log = WorkerLog(device.worker.logfile)
         port = free_port()
         old = update(lb("HTTP", port, [node("old-node", old_web)]))
-        new = update(lb("HTTP", port, [node("new-node", new_web)]))
+        new = update(lb("HTTP", port, [node("new-node", new_web)], **RELOADING))
         device.must_pass(old)
         old_bytes = device.config_bytes()
         log.skip_to_end()
@@ -249,7 +253,7 @@ def test_a_candidate_haproxy_refuses_changes_nothing(tmp_path, web):
         port = free_port()
         old_web, new_web = web
         old = update(lb("HTTP", port, [node("old-node", old_web)]))
-        new = update(lb("HTTP", port, [node("new-node", new_web)]))  # a new node: a reload
+        new = update(lb("HTTP", port, [node("new-node", new_web)], **RELOADING))
         device.must_pass(old)
         before = device.config_bytes()
         processes = set(haproxy_processes(device.config))
@@ -285,7 +289,7 @@ def test_worker_killed_mid_update(tmp_path, web, tcp_pair, point, protocol):
         if protocol == "HTTP":
             old_web, new_web = web
             old = update(lb("HTTP", port, [node("old-node", old_web)]))
-            new = update(lb("HTTP", port, [node("new-node", new_web)]))
+            new = update(lb("HTTP", port, [node("new-node", new_web)], **RELOADING))
             old_names, new_names = {old_web.name}, {new_web.name}
         else:
             old = update(lb("TCP", port, [node("tcp-a", tcp_pair[0])]))
@@ -357,7 +361,7 @@ def test_config_file_system_full(tmp_path, web, room):
         device.start()
         port = free_port()
         old = update(lb("HTTP", port, [node("old-node", old_web)]))
-        new = update(lb("HTTP", port, [node("new-node", new_web)]))
+        new = update(lb("HTTP", port, [node("new-node", new_web)], **RELOADING))
         if room == "backup-only":
             device.must_pass(new)  # then old: a .BKUP exists, and overwriting it needs no new room
         device.must_pass(old)

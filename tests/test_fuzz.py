@@ -871,10 +871,14 @@ def test_many_clients_on_two_job_servers_are_served_one_at_a_time(tmp_path, gear
                     for job_index in range(jobs_per_thread):
                         request_id = f"{thread_index}-{job_index}-{uuid.uuid4().hex[:6]}"
                         if job_index % 2 == 0:
+                            # A client timeout of its own: every UPDATE reloads, with a haproxy -c
+                            # (on HAProxy 3.0 new HTTP nodes alone would be added at run time).
                             message = {"hpcs_action": "UPDATE", "request_id": request_id,
                                        "loadBalancers": [{"protocol": "HTTP", "port": port, "nodes": [
                                            {"id": f"r{request_id}-{index}", "address": LOOPBACK, "port": b.port}
-                                           for index, b in enumerate(web)]}]}
+                                           for index, b in enumerate(web)],
+                                           "options": {"client_timeout": 30000 + 100 * thread_index
+                                                       + job_index}}]}
                         else:
                             message = {"hpcs_action": ("DISCOVER", "METRICS")[job_index % 4 // 2],
                                        "request_id": request_id}

@@ -27,6 +27,7 @@ import time
 
 import pytest
 
+from support.haproxy_version import DYNAMIC_COOKIE
 from support.ports import free_port
 from support.traffic import Device, unix_command
 
@@ -269,6 +270,18 @@ def current_worker(device):
     return fresh[0]
 
 
+def one_request_backend(port):
+    """The back-end (X-Backend) that answers one GET / through the load balancer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        response.read()
+        return response.headers.get("X-Backend")
+    finally:
+        conn.close()
+
+
 def http_update(port, backends, weights, variant=0):
     """An HTTP load balancer over `backends`; `variant` moves the client timeout by a
     millisecond, a change only a reload applies (weights alone may go through the runtime API)."""
@@ -349,3 +362,58 @@ def test_reloads_under_load_drop_nothing(device, http_backend):
     assert len(set(workers)) == RELOADS + 1, f"HAProxy workers across the UPDATEs: {workers}"
     assert load.ended - load.started < MAX_SECONDS, (
         f"{RELOADS} UPDATEs took {reload_done_at[-1] - reload_started_at[0]:.1f}s")
+
+
+# --------------------------------------------------------------------------
+# Nodes added and removed at run time, under the same load
+# --------------------------------------------------------------------------
+
+RUNTIME_UPDATES = 50
+
+
+def _update_paths(device):
+    return re.findall(r" UPDATE PASS \S+ \((\w+)\)", device.worker.log_text())
+
+
+def test_nodes_added_and_removed_at_run_time_under_load_drop_nothing(device, http_backend):
+    """50 UPDATEs add and remove a third node while clients keep coming.  HAProxy 3.0 takes
+    all of them at run time (one HAProxy worker throughout); 2.6 adds an HTTP node by a
+    reload (it refuses `cookie` on `add server`) and removes it at run time."""
+    backends = [http_backend("rt-a"), http_backend("rt-b"), http_backend("rt-c")]
+    port = free_port()
+    device.must_pass(http_update(port, backends[:2], (1, 1)))
+    first_worker = current_worker(device)
+    paths_before = len(_update_paths(device))
+
+    load = Load(port).start()
+    keepalive = KeepAliveClients(port).start()
+    workers = {first_worker}
+    try:
+        time.sleep(FIRST_RELOAD_AT)
+        for index in range(RUNTIME_UPDATES):
+            adding = index % 2 == 0
+            device.must_pass(http_update(port, backends if adding else backends[:2], (1, 1, 1)))
+            workers.add(current_worker(device))
+            time.sleep(RELOAD_GAP)
+        time.sleep(TAIL_SECONDS)
+    finally:
+        load.stop()
+        keepalive.stop()
+
+    paths = _update_paths(device)[paths_before:]
+    print(f"{load.total} requests at {load.rate:.0f}/s; paths {collections.Counter(paths)}; "
+          f"outcomes {dict(load.outcomes)}; keep-alive {dict(keepalive.outcomes)}")
+    assert load.rate >= MIN_RATE, f"only {load.rate:.0f} new connections/s (want >= {MIN_RATE})"
+    failures = {outcome: count for outcome, count in load.outcomes.items() if outcome != "ok"}
+    assert not failures, f"{sum(failures.values())} of {load.total} requests failed: {load.failures[:10]}"
+    assert keepalive.outcomes["failed"] == 0 and keepalive.outcomes["non_2xx"] == 0, keepalive.failures[:5]
+    assert keepalive.total > 2 * keepalive.connections
+    assert len(paths) == RUNTIME_UPDATES
+    if DYNAMIC_COOKIE:
+        assert paths == ["runtime"] * RUNTIME_UPDATES, paths
+        assert workers == {first_worker}, f"HAProxy workers across the UPDATEs: {workers}"
+    else:
+        assert paths[1::2] == ["runtime"] * (RUNTIME_UPDATES // 2), paths      # removals
+        assert paths[0::2] == ["reload"] * (RUNTIME_UPDATES // 2), paths       # additions
+    counts = collections.Counter(one_request_backend(port) for _ in range(6))
+    assert set(counts) == {"rt-a", "rt-b"}, counts

@@ -75,7 +75,8 @@ def test_reloads_lose_nothing_and_count_nothing_twice(station, http_backend):
     total += 300 * KB
     _settled(station, 500 * KB)
     old_pid = station.serving_pid()
-    _serve_http(station, [first_backend, second_backend], port=port)       # reload
+    _serve_http(station, [first_backend, second_backend], port=port,   # a new setting: a reload
+                options={"client_timeout": 31000})
     assert station.serving_pid() != old_pid, "UPDATE did not start a new HAProxy process"
 
     requests += download(port, 250 * KB, chunk=125 * KB)

@@ -310,22 +310,3 @@ def test_ten_thousand_nodes(tmp_path):
 def test_environment_is_cached():
     assert render.environment() is render.environment()
     assert render.environment().undefined is jinja2.StrictUndefined
-
-
-@pytest.mark.parametrize("protocol", ["TCP", "GALERA"])
-def test_runtime_add_server_uses_the_config_server_words(protocol):
-    """backend() writes the server line inline; runtime `add server` must say the same."""
-    from libra_worker.drivers.haproxy.render import runtime_commands
-    from libra_worker.models import parse_update
-    from libra_worker.settings import HaproxySettings
-
-    def lbs(*nodes):
-        return parse_update({"loadBalancers": [{"protocol": protocol, "port": 3306, "nodes": list(nodes),
-                                                "monitor": {"type": "CONNECT", "delay": 7, "timeout": 3,
-                                                            "attempts": 4}}]})
-    first = {"id": "a", "address": "10.0.0.1", "port": 3306}
-    added = {"id": "b", "address": "10.0.0.2", "port": 3306, "weight": 9, "backup": True}
-    config = render_config(lbs(first, added), HaproxySettings())
-    server_line = next(line for line in config.splitlines() if line.strip().startswith("server b "))
-    add = next(c.line for c in runtime_commands(lbs(first), lbs(first, added)) if c.line.startswith("add "))
-    assert add.split(" ", 3)[3] == server_line.strip().split(" ", 2)[2], (add, server_line)

@@ -8,9 +8,10 @@ it would run, so the next reload changes nothing.
 import collections
 import re
 
+from support.haproxy_version import DYNAMIC_COOKIE
 from support.ports import free_port
-from support.traffic import (FAST_CONNECT_MONITOR, backend_counts, lb, node, tcp_banner, unix_command,
-                             update, wait_until)
+from support.traffic import (FAST_CONNECT_MONITOR, SlowRequest, backend_counts, http_get, lb, node, tcp_banner,
+                             unix_command, update, wait_until)
 
 
 def proc_state(device):
@@ -36,7 +37,7 @@ def servers_state(device, backend):
 def last_update_path(device):
     lines = [line for line in device.worker.log_text().splitlines() if " UPDATE PASS " in line]
     assert lines, device.worker.log_text()
-    return re.search(r"\((unchanged|runtime|reload)\)", lines[-1]).group(1)
+    return re.search(r"\((unchanged|runtime|reload|start)\)", lines[-1]).group(1)
 
 
 def test_weight_change_needs_no_reload(device, http_backend, tcp_backend):
@@ -134,17 +135,122 @@ def test_address_change_moves_traffic_without_reload(device, http_backend, tcp_b
 
 
 def test_what_the_runtime_api_cannot_do_reloads(device, http_backend, tcp_backend):
-    """A new HTTP node carries a cookie, which HAProxy 2.6 refuses on a dynamic server."""
-    first, second = http_backend("r-a"), http_backend("r-b")
+    """A node's backup flag cannot change at run time, on any HAProxy."""
+    first, second = tcp_backend("r-a"), tcp_backend("r-b")
     port = free_port()
-    device.must_pass(update(lb("HTTP", port, [node("a", first)])))
+    device.must_pass(update(lb("TCP", port, [node("a", first), node("b", second)])))
     pid, reloads = proc_state(device)
 
-    device.must_pass(update(lb("HTTP", port, [node("a", first), node("b", second)])))
+    device.must_pass(update(lb("TCP", port, [node("a", first), node("b", second, backup=True)])))
     assert last_update_path(device) == "reload"
     new_pid, new_reloads = proc_state(device)
     assert new_pid != pid and new_reloads == reloads + 1
-    assert set(backend_counts(port, 20)) == {"r-a", "r-b"}
+    assert {tcp_banner(port) for _ in range(5)} == {"r-a"}
+    assert "changes its backup flag" in device.worker.log_text()
+
+
+def test_http_node_added_and_removed(device, http_backend, tcp_backend):
+    """HAProxy 3.0 takes `cookie` on `add server`: an HTTP node comes and goes without a reload.
+    HAProxy 2.6 refuses it: the node is added by a reload, and removed at run time."""
+    first, second = http_backend("h-a"), http_backend("h-b")
+    port = free_port()
+    device.must_pass(update(lb("HTTP", port, [node("a", first)], monitor=FAST_CONNECT_MONITOR)))
+    before = proc_state(device)
+
+    device.must_pass(update(lb("HTTP", port, [node("a", first), node("b", second)],
+                               monitor=FAST_CONNECT_MONITOR)))
+    assert last_update_path(device) == ("runtime" if DYNAMIC_COOKIE else "reload")
+    assert (proc_state(device) == before) == DYNAMIC_COOKIE
+    wait_until(lambda: set(backend_counts(port, 6)) == {"h-a", "h-b"}, 5, what="both nodes serving")
+    # The added node's persistence cookie works like the configured one's.
+    assert backend_counts(port, 6, headers={"Cookie": "SERVERID=b"}) == {"h-b": 6}
+    assert http_get(port, headers={"Cookie": "SERVERID=x"}).headers["Set-Cookie"].split(";")[0] in (
+        "SERVERID=a", "SERVERID=b")
+
+    after_add = proc_state(device)
+    device.must_pass(update(lb("HTTP", port, [node("a", first)], monitor=FAST_CONNECT_MONITOR)))
+    assert last_update_path(device) == "runtime"
+    assert proc_state(device) == after_add
+    assert set(servers_state(device, "http_servers")) == {"a"}
+    assert backend_counts(port, 6, headers={"Cookie": "SERVERID=b"}) == {"h-a": 6}
+
+
+def test_the_next_reload_changes_nothing(device, http_backend, tcp_backend):
+    """After runtime changes of every kind, a reload of the file on disk runs the same servers."""
+    web = [http_backend(f"n-{i}") for i in range(4)]
+    protocol = "HTTP" if DYNAMIC_COOKIE else "TCP"   # 2.6 adds HTTP nodes by reloading
+    backend = f"{protocol.lower()}_servers"
+    port = free_port()
+    device.must_pass(update(lb(protocol, port, [node("a", web[0]), node("b", web[1]), node("c", web[2])],
+                               monitor=FAST_CONNECT_MONITOR)))
+    before = proc_state(device)
+    device.must_pass(update(lb(protocol, port, [
+        node("a", web[0], weight=9), node("b", web[3], condition="DISABLED"),
+        node("d", web[2]), node("e", web[1], weight=4, condition="DISABLED")], monitor=FAST_CONNECT_MONITOR)))
+    assert last_update_path(device) == "runtime" and proc_state(device) == before
+    running = comparable(servers_state(device, backend))
+
+    pid, reloads = before
+    unix_command(device.master_socket, "reload")
+    wait_until(lambda: proc_state(device)[1] == reloads + 1, 10, what="the reload")
+    assert comparable(servers_state(device, backend)) == running
+    assert running == {"a": ("127.0.0.1", False, 9, web[0].port), "b": ("127.0.0.1", True, 1, web[3].port),
+                       "d": ("127.0.0.1", False, 1, web[2].port), "e": ("127.0.0.1", True, 4, web[1].port)}
+
+
+def comparable(state):
+    """servers_state without how a server came into maintenance (config `disabled` or the CLI)."""
+    return {name: (address, bool(admin & 0x7), weight, port) for name, (address, admin, weight, port)
+            in state.items()}
+
+
+def test_a_removed_node_finishes_its_request_first(device, http_backend, tcp_backend):
+    """`del server` waits (a little) for the removed node's last request: it completes, no reload."""
+    first, second = http_backend("s-a"), http_backend("s-b")
+    port = free_port()
+    both = [node("a", first), node("b", second)]
+    device.must_pass(update(lb("HTTP", port, both)))
+    before = proc_state(device)
+
+    held = SlowRequest(port, size=40, seconds=0.5)
+    remaining = [n for n in both if n["id"] != ("a" if held.backend == "s-a" else "b")]
+    device.must_pass(update(lb("HTTP", port, remaining)))
+    assert len(held.finish()) == 40
+    assert last_update_path(device) == "runtime", device.worker.log_text()[-1500:]
+    assert proc_state(device) == before
+    assert set(servers_state(device, "http_servers")) == {remaining[0]["id"]}
+
+
+def test_a_removed_node_busy_for_longer_is_removed_by_a_reload(device, http_backend, tcp_backend):
+    first, second = http_backend("l-a"), http_backend("l-b")
+    port = free_port()
+    both = [node("a", first), node("b", second)]
+    device.must_pass(update(lb("HTTP", port, both)))
+    pid, _ = proc_state(device)
+
+    held = SlowRequest(port, size=30, seconds=3)
+    remaining = [n for n in both if n["id"] != ("a" if held.backend == "l-a" else "b")]
+    device.must_pass(update(lb("HTTP", port, remaining)))
+    assert last_update_path(device) == "reload" and proc_state(device)[0] != pid
+    assert "still had connections" in device.worker.log_text()
+    assert len(held.finish()) == 30, "the old process cut the removed node's request"
+    assert set(servers_state(device, "http_servers")) == {remaining[0]["id"]}
+
+
+def test_a_thousand_weights_change_at_run_time(device, http_backend, tcp_backend):
+    """No cap on the number of commands: 1,000 weights in one UPDATE, through the runtime API."""
+    only = http_backend("k")
+    port = free_port()
+    slow_checks = {"type": "CONNECT", "delay": 3600, "timeout": 1, "attempts": 1}
+    nodes = [node(f"n{i}", only) for i in range(1000)]
+    device.must_pass(update(lb("HTTP", port, nodes, monitor=slow_checks)))
+    before = proc_state(device)
+    for index, one in enumerate(nodes):
+        one["weight"] = 1 + index % 200
+    device.must_pass(update(lb("HTTP", port, nodes, monitor=slow_checks)))
+    assert last_update_path(device) == "runtime" and proc_state(device) == before
+    weights = {name: weight for name, (_, _, weight, _) in servers_state(device, "http_servers").items()}
+    assert weights == {f"n{i}": 1 + i % 200 for i in range(1000)}
 
 
 def test_a_refused_runtime_command_falls_back_to_a_reload(device, http_backend, tcp_backend):
@@ -162,3 +268,59 @@ def test_a_refused_runtime_command_falls_back_to_a_reload(device, http_backend, 
     assert proc_state(device)[0] != pid
     assert servers_state(device, "tcp_servers")["b"][2] == 5
     assert "reloading instead" in device.worker.log_text()
+
+
+def test_stats_and_metrics_stay_exact_across_runtime_adds_and_removes(device, http_backend, tcp_backend):
+    """A removed node's bytes are counted once: METRICS counts the frontend, which a runtime
+    change does not reset; STATS lists exactly the nodes of the last UPDATE each time."""
+    from support.metrics_helpers import HEADER_SLACK, Metrics, assert_http_bytes, download, echo, wait_counted
+
+    def statuses():
+        reply = device.must_pass({"hpcs_action": "STATS"})
+        return sorted(entry["id"] for entry in reply["nodes"])
+
+    def metrics():
+        return Metrics(device.must_pass({"hpcs_action": "METRICS"}))
+
+    tcp = [tcp_backend("m-t1"), tcp_backend("m-t2")]
+    web = [http_backend("m-h1"), http_backend("m-h2")]
+    http_port, tcp_port = free_port(), free_port()
+
+    def apply(http_nodes, tcp_nodes):
+        device.must_pass(update(lb("HTTP", http_port, http_nodes, monitor=FAST_CONNECT_MONITOR),
+                                lb("TCP", tcp_port, tcp_nodes, monitor=FAST_CONNECT_MONITOR)))
+
+    apply([node("h1", web[0])], [node("t1", tcp[0])])
+    before = proc_state(device)
+    metrics()                                   # the window starts here
+
+    apply([node("h1", web[0]), node("h2", web[1])], [node("t1", tcp[0]), node("t2", tcp[1])])
+    assert last_update_path(device) == ("runtime" if DYNAMIC_COOKIE else "reload")
+    assert statuses() == ["h1", "h2", "t1", "t2"]
+    after_add = proc_state(device)
+    # Traffic through the nodes about to go: h2 (its cookie) and t2 (the TCP LB sticks to one).
+    sent_http = 0
+    for _ in range(3):
+        response = http_get(http_port, "/bytes/100000", headers={"Cookie": "SERVERID=h2"})
+        assert response.status == 200 and response.backend == "m-h2"
+        sent_http += 100_000
+    sent_tcp = sum(echo(tcp_port, 50_000) for _ in range(2))
+    wait_counted(device.stats_socket, "http", sent_http)
+
+    apply([node("h1", web[0])], [node("t1", tcp[0])])
+    assert last_update_path(device) == "runtime" and proc_state(device) == after_add
+    assert statuses() == ["h1", "t1"]
+    requests = download(http_port, 200_000)
+    sent_http += 200_000
+    sent_tcp += echo(tcp_port, 30_000)
+    wait_counted(device.stats_socket, "http", sent_http)
+
+    apply([node("h1", web[0]), node("h2", web[1])], [node("t1", tcp[0]), node("t2", tcp[1])])
+    assert statuses() == ["h1", "h2", "t1", "t2"]
+    report = metrics()
+    assert_http_bytes(report.get("HTTP"), sent_http, 3 + requests, "HTTP bytes across a runtime add and remove")
+    assert report.get("TCP") == sent_tcp, report
+    again = metrics()
+    assert again.get("HTTP") < HEADER_SLACK and again.get("TCP") == 0, f"counted twice: {again}"
+    if DYNAMIC_COOKIE:
+        assert proc_state(device) == before, "a runtime change reloaded HAProxy"

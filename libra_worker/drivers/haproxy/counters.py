@@ -10,7 +10,7 @@ killed at any moment loses nothing it had accounted for.
 Generations the worker has seen replaced are `retired`: a late answer from
 one is not counted as the current process.  An old process that keeps
 serving its connections after a reload is `draining`: the driver reads it
-through HAProxy's master CLI until it exits, and drain() adds what it sent
+through a held stats session (else the master CLI) until it exits, and drain() adds what it sent
 since its last reading, so no reload loses bytes.
 """
 import copy

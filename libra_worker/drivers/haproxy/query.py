@@ -156,16 +156,27 @@ class StatsSocket:
         """Read the socket now; ServiceError when missing, refusing or garbled."""
         return parse(self.ask(query))
 
-    def hold(self):
-        """A HeldSession on the process serving now, or None when none can be opened."""
+    def session(self):
+        """An interactive HeldSession on the process serving now; ServiceError when none opens."""
         argv = [self.socat, "stdio", f"unix-connect:{self.path}"]
         try:
             session = HeldSession(self.commands.open_pipe(argv))
+        except CommandFailed as error:
+            raise ServiceError(str(error)) from None
+        try:
             session.ask("prompt")
-        except (CommandFailed, ServiceError) as error:
+        except ServiceError:
+            session.close()
+            raise
+        return session
+
+    def hold(self):
+        """A HeldSession on the process serving now, or None when none can be opened."""
+        try:
+            return self.session()
+        except ServiceError as error:
             LOG.info("cannot hold a stats session across the reload: %s", error)
             return None
-        return session
 
     def pid(self) -> Optional[int]:
         """The pid answering the socket, or None."""
@@ -193,6 +204,11 @@ class HeldSession:
 
     def ask(self, command, timeout=5.0):
         """One command → its answer (without the prompt); ServiceError when the session is gone."""
+        # Joined as the non-interactive CLI separates answers: by an empty line.
+        return "\n".join(self.answers(command, timeout))
+
+    def answers(self, command, timeout=5.0):
+        """One line of `;`-separated commands → [the answer to each]; ServiceError when gone."""
         try:
             self.process.stdin.write(command.encode() + b"\n")
             self.process.stdin.flush()
@@ -212,8 +228,7 @@ class HeldSession:
                 self.pending += chunk
             answer, _, self.pending = self.pending.partition(PROMPT)
             answers.append(answer.decode("utf-8", "replace"))
-        # Joined as the non-interactive CLI separates answers: by an empty line.
-        return "\n".join(answers)
+        return answers
 
     def snapshot(self):
         """A reading of the process this session is attached to."""

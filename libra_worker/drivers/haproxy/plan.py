@@ -1,0 +1,218 @@
+"""The UPDATE decision, in one place: what runs + what is asked → a Plan.
+
+    plan_update(requested, config, applied, accepts) → Plan
+
+* START      HAProxy does not run: install the config and start it.
+* UNCHANGED  HAProxy runs exactly what this worker applied, the request is
+             the same and the live file already holds its config.
+* RUNTIME    only nodes change, in ways the running HAProxy takes through
+             its runtime API (`commands`, in order): weights, conditions,
+             IP addresses, added and removed nodes.
+* RELOAD     anything else (`reason` says why): a load balancer's own
+             settings, a backup flag, a host name, an HTTP node added to an
+             HAProxy that refuses `cookie` on dynamic servers, so many nodes
+             added or removed that a reload is faster, or a running state
+             the worker does not know for sure.
+
+Pure: plain values in, a Plan out, no I/O.  apply.py carries a Plan out.
+"""
+import re
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from libra_worker.drivers.haproxy import render
+
+START, UNCHANGED, RUNTIME, RELOAD = "start", "unchanged", "runtime", "reload"
+
+# Past these, a reload is cheaper than the runtime API (measured on 2.6 and 3.0, 2 CPUs):
+# `add server` costs about 0.1 µs per server already in its backend on top of its own
+# ~25 µs (HAProxy walks the used ids for a free one), so 9,999 adds to one backend
+# take 3-4 s where a reload of the whole config takes ~1 s; removing most of a big
+# backend (maintenance, then `del server`: ~40 µs a node) costs more than reloading
+# what is left.
+MAX_ADD_WORK = 2_000_000  # nodes added × servers in the backend after
+REMOVE_SLACK = 1_000      # runtime while removed nodes <= this + the nodes that stay
+
+# The first HAProxy series checked to accept `cookie` in `add server` (2.6 answers
+# "'cookie' option is not accepted for dynamic server"; 2.7-2.9 are not checked,
+# so they are treated as 2.6: an HTTP node added there reloads).
+DYNAMIC_COOKIE_SINCE = (3, 0)
+_VERSION = re.compile(r"^Version:\s*(\d+)\.(\d+)", re.M)
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """What the running HAProxy takes at run time, beyond what every supported version does."""
+    dynamic_cookie: bool = False  # `add server ... cookie <value>` (HTTP nodes)
+
+    @classmethod
+    def from_info(cls, info_text):
+        """From the running process's `show info` (its `Version:` line); unknown → the least."""
+        match = _VERSION.search(info_text or "")
+        if match is None:
+            return cls()
+        return cls(dynamic_cookie=(int(match.group(1)), int(match.group(2))) >= DYNAMIC_COOKIE_SINCE)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the device runs, as far as the worker knows it."""
+    running: bool                           # an HAProxy answers
+    load_balancers: Optional[tuple] = None  # what this worker applied to it, if it knows
+    file_holds_config: bool = False         # the live file is exactly the requested config
+
+
+@dataclass(frozen=True)
+class RuntimeCommand:
+    line: str            # one stats-socket command, from templates/runtime.j2
+    expect: re.Pattern   # what HAProxy answers when it worked
+    retry: Optional[re.Pattern] = None  # an answer that means "not yet": send it again shortly
+    nudge: Tuple[str, ...] = ()         # lines sent just before each retry
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str                                  # START, UNCHANGED, RUNTIME or RELOAD
+    config: str                                # the whole configuration text, for the live file
+    commands: Tuple[RuntimeCommand, ...] = ()  # RUNTIME: sent in this order
+    reason: str = ""                           # RELOAD: why the runtime API cannot do it
+
+
+_SILENT = re.compile(r"\A\s*\Z")
+_EXPECT = {
+    "add_server": re.compile(r"\A\s*New server registered\."),
+    "enable_health": _SILENT,
+    "set_state": _SILENT,
+    "set_addr": re.compile(r"\A\s*(IP changed|port changed|no need to change)"),
+    "set_weight": _SILENT,
+    "del_server": re.compile(r"\A\s*Server deleted\."),
+}
+# `del server` of a server (already in maintenance) that still has a connection: its
+# last request is finishing, or it has idle connections.  HAProxy 2.6 keeps a
+# connection that went idle after the server entered maintenance until the
+# server moves: each retry moves it to another port first (it takes no traffic).
+_STILL_CONNECTED = re.compile(r"still has connections", re.I)
+_ANY = re.compile(r"")
+
+
+def plan_update(requested, config, applied, accepts=Accepts()):
+    """The Plan that makes the device run `requested` (models.LoadBalancer tuple).
+
+    `config` is render.render_config(requested, ...); `applied` an Applied;
+    `accepts` what the running HAProxy takes at run time.
+    """
+    if not applied.running:
+        return Plan(START, config)
+    if applied.load_balancers is None:
+        # After a restart (or a worker killed between the swap and the reload) the
+        # file can be ahead of HAProxy: only a reload makes it run what the file says.
+        return Plan(RELOAD, config, reason="what HAProxy runs is not known to this worker")
+    if tuple(applied.load_balancers) == tuple(requested):
+        if applied.file_holds_config:
+            return Plan(UNCHANGED, config)
+        return Plan(RELOAD, config, reason="the live file is not what HAProxy runs")
+    commands, reason = runtime_commands(applied.load_balancers, requested, accepts)
+    if commands is None:
+        return Plan(RELOAD, config, reason=reason)
+    return Plan(RUNTIME, config, tuple(commands))
+
+
+def frame(lb):
+    """Everything of a load balancer but its nodes: a change here needs a reload."""
+    return (lb.protocol, lb.port, lb.algorithm, lb.monitor, lb.options)
+
+
+_DOTTED_QUAD = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+
+
+def _is_ip(address):
+    """An address as models.py keeps it (normalized): IPv6 has ':', IPv4 is a dotted quad."""
+    return ":" in address or _DOTTED_QUAD.fullmatch(address) is not None
+
+
+class _Changes:
+    """The nodes of one load balancer that change, by kind of runtime command."""
+
+    def __init__(self):
+        self.added, self.enabled, self.disabled = [], [], []
+        self.moved, self.weighed, self.removed = [], [], []
+
+
+def _diff(old, new, accepts):
+    """_Changes turning `old` into `new` (same frame), or the reason only a reload can."""
+    changes = _Changes()
+    before = {node.id: node for node in old.nodes}
+    for node in new.nodes:
+        was = before.pop(node.id, None)
+        if was == node:  # the usual case, a tuple comparison
+            continue
+        render.checked(node)
+        if was is None:
+            if new.protocol == "HTTP" and not accepts.dynamic_cookie:
+                return None, "an HTTP node is added and this HAProxy refuses 'cookie' on `add server`"
+            if not _is_ip(node.address):
+                return None, f"node {node.id} is added with a host name"
+            changes.added.append(node)
+            continue
+        if was.backup != node.backup:
+            return None, f"node {node.id} changes its backup flag"
+        if (was.address, was.port) != (node.address, node.port):
+            if not _is_ip(node.address):
+                return None, f"node {node.id} moves to a host name"
+            changes.moved.append(node)
+        if was.enabled != node.enabled:
+            (changes.enabled if node.enabled else changes.disabled).append(node)
+        if was.weight != node.weight:
+            changes.weighed.append(node)
+    changes.removed.extend(before.values())  # in the running config, not in the new one
+    if len(changes.added) * len(new.nodes) > MAX_ADD_WORK:
+        return None, f"{len(changes.added)} nodes are added: a reload is faster"
+    if len(changes.removed) > REMOVE_SLACK + len(new.nodes):
+        return None, f"{len(changes.removed)} of {len(old.nodes)} nodes are removed: a reload is faster"
+    return changes, ""
+
+
+# The answer to a nudge does not matter: the `del server` after it is what is checked.
+NUDGE_EXPECT = _ANY
+
+
+def runtime_commands(old_lbs, new_lbs, accepts=Accepts()):
+    """([RuntimeCommand], "") turning running `old_lbs` into `new_lbs`, or (None, reason)."""
+    if len(old_lbs) != len(new_lbs):
+        return None, "a load balancer is added or removed"
+    by_protocol = {lb.protocol: lb for lb in old_lbs}
+    diffs = []
+    for new in new_lbs:
+        old = by_protocol.get(new.protocol)
+        if old is None or frame(old) != frame(new):
+            return None, f"the {new.protocol} load balancer's own settings change"
+        changes, reason = _diff(old, new, accepts)
+        if changes is None:
+            return None, reason
+        diffs.append((render.proxy_settings(new), changes))
+    macros = render.environment().get_template("runtime.j2").module
+    commands = []
+
+    def lines(kind, lb, nodes, *args):
+        return [line for line in str(getattr(macros, kind)(lb, nodes, *args)).splitlines() if line]
+
+    def add(kind, lb, nodes, *args):
+        if nodes:
+            commands.extend(RuntimeCommand(line, _EXPECT[kind]) for line in lines(kind, lb, nodes, *args))
+
+    for lb, changes in diffs:
+        # A dynamic server starts in maintenance: checks on, then ready (unless DISABLED:
+        # its line says `disabled`, as in the config).
+        add("add_server", lb, changes.added)
+        add("enable_health", lb, changes.added)
+        add("set_state", lb, [node for node in changes.added if node.enabled], "ready")
+        add("set_addr", lb, changes.moved)
+        add("set_weight", lb, changes.weighed)
+        add("set_state", lb, changes.enabled, "ready")
+        add("set_state", lb, changes.disabled + changes.removed, "maint")
+        if changes.removed:
+            moves = lines("move_aside", lb, changes.removed)
+            commands.extend(RuntimeCommand(line, _EXPECT["del_server"], _STILL_CONNECTED,
+                                           tuple(moves[2 * index:2 * index + 2]))
+                            for index, line in enumerate(lines("del_server", lb, changes.removed)))
+    return commands, ""

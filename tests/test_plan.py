@@ -1,0 +1,293 @@
+"""libra_worker.drivers.haproxy.plan: every UPDATE decision, on plain values.
+
+No HAProxy here: the planner is pure.  test_runtime.py and
+test_driver_update.py carry the same decisions out on a real HAProxy.
+"""
+import dataclasses
+
+import pytest
+
+from libra_worker.drivers.haproxy import plan, render
+from libra_worker.drivers.haproxy.apply import RUNTIME_LINE_BYTES, runtime_batches
+from libra_worker.drivers.haproxy.plan import Accepts, Applied, plan_update
+from libra_worker.models import Monitor, Options, parse_update
+from libra_worker.settings import HaproxySettings
+
+SETTINGS = HaproxySettings()
+OLD_HAPROXY = Accepts()                      # 2.6: no `cookie` on `add server`
+NEW_HAPROXY = Accepts(dynamic_cookie=True)   # 3.0
+MONITOR = {"type": "CONNECT", "delay": 7, "timeout": 3, "attempts": 4}
+
+
+def lbs(protocol="HTTP", nodes=None, **fields):
+    nodes = nodes if nodes is not None else [node("a"), node("b", address="10.0.0.2")]
+    return parse_update({"loadBalancers": [{"protocol": protocol, "port": 8080, "nodes": nodes,
+                                            "monitor": MONITOR, **fields}]})
+
+
+def node(node_id, address="10.0.0.1", port=80, **fields):
+    return {"id": node_id, "address": address, "port": port, **fields}
+
+
+def decide(old, new, accepts=OLD_HAPROXY, running=True, holds=True):
+    applied = Applied(running=running, load_balancers=old, file_holds_config=holds)
+    return plan_update(new, render.render_config(new, SETTINGS), applied, accepts)
+
+
+def lines(chosen):
+    assert chosen.kind == plan.RUNTIME, (chosen.kind, chosen.reason)
+    return [command.line for command in chosen.commands]
+
+
+# --------------------------------------------------------------------------
+# The four kinds
+# --------------------------------------------------------------------------
+
+def test_not_running_starts_whatever_was_applied():
+    chosen = decide(lbs(), lbs(), running=False)
+    assert chosen.kind == plan.START and chosen.commands == ()
+    assert chosen.config == render.render_config(lbs(), SETTINGS)
+
+
+def test_unknown_running_state_reloads():
+    chosen = decide(None, lbs())
+    assert chosen.kind == plan.RELOAD and "not known" in chosen.reason
+
+
+def test_same_request_and_same_file_is_unchanged():
+    chosen = decide(lbs(), lbs())
+    assert chosen.kind == plan.UNCHANGED and chosen.commands == ()
+
+
+def test_same_request_but_another_file_on_disk_reloads():
+    chosen = decide(lbs(), lbs(), holds=False)
+    assert chosen.kind == plan.RELOAD and "live file" in chosen.reason
+
+
+def test_every_plan_carries_the_whole_config_text():
+    new = lbs(nodes=[node("a", weight=5)])
+    for old, running in ((None, True), (lbs(nodes=[node("a")]), True), (new, True), (new, False)):
+        assert decide(old, new, running=running).config == render.render_config(new, SETTINGS)
+
+
+# --------------------------------------------------------------------------
+# Node changes the runtime API makes
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("protocol", ["HTTP", "TCP", "GALERA"])
+def test_weight(protocol):
+    old = lbs(protocol, [node("a"), node("b", backup=True)])
+    new = lbs(protocol, [node("a", weight=7), node("b", backup=True)])
+    backend = render.backend_name(protocol)
+    assert lines(decide(old, new)) == [f"set server {backend}/a weight 7"]
+
+
+def test_condition_disabled_then_enabled():
+    old, new = lbs(nodes=[node("a")]), lbs(nodes=[node("a", condition="DISABLED")])
+    assert lines(decide(old, new)) == ["set server http_servers/a state maint"]
+    assert lines(decide(new, old)) == ["set server http_servers/a state ready"]
+
+
+def test_ip_address_and_port():
+    old = lbs(nodes=[node("a")])
+    new = lbs(nodes=[node("a", address="2001:db8::7", port=81)])
+    assert lines(decide(old, new)) == ["set server http_servers/a addr 2001:db8::7 port 81"]
+
+
+@pytest.mark.parametrize("protocol", ["TCP", "GALERA"])
+def test_added_node_on_any_haproxy(protocol):
+    old = lbs(protocol, [node("a")])
+    new = lbs(protocol, [node("a"), node("b", address="10.0.0.2", backup=True)])
+    backend = render.backend_name(protocol)
+    assert [line.split(" ", 3)[:3] for line in lines(decide(old, new))] == [
+        ["add", "server", f"{backend}/b"], ["enable", "health", f"{backend}/b"],
+        ["set", "server", f"{backend}/b"]]
+    assert lines(decide(old, new))[-1].endswith(" state ready")
+
+
+def test_added_http_node_reloads_where_add_server_refuses_cookie():
+    old, new = lbs(nodes=[node("a")]), lbs(nodes=[node("a"), node("b")])
+    chosen = decide(old, new, OLD_HAPROXY)
+    assert chosen.kind == plan.RELOAD and "cookie" in chosen.reason
+
+
+def test_added_http_node_is_dynamic_where_add_server_takes_cookie():
+    old, new = lbs(nodes=[node("a")]), lbs(nodes=[node("a"), node("b")])
+    add = lines(decide(old, new, NEW_HAPROXY))[0]
+    assert add.startswith("add server http_servers/b 10.0.0.1:80 ") and add.endswith(" cookie b")
+
+
+def test_added_disabled_node_stays_in_maintenance():
+    old = lbs("TCP", [node("a")])
+    new = lbs("TCP", [node("a"), node("b", condition="DISABLED")])
+    commands = lines(decide(old, new))
+    assert commands[0].endswith(" disabled") and len(commands) == 2
+    assert not any("state ready" in line for line in commands)
+
+
+@pytest.mark.parametrize("protocol", ["HTTP", "TCP"])
+def test_removed_node_goes_to_maintenance_then_is_deleted_again_and_again(protocol):
+    old, new = lbs(protocol, [node("a"), node("b")]), lbs(protocol, [node("a")])
+    chosen = decide(old, new)
+    backend = render.backend_name(protocol)
+    assert lines(chosen) == [f"set server {backend}/b state maint", f"del server {backend}/b"]
+    deleting = chosen.commands[-1]
+    assert deleting.retry.search("Server still has connections attached to it, cannot remove it.")
+    assert not deleting.expect.match("Server still has connections attached to it, cannot remove it.")
+    assert all(command.retry is None for command in chosen.commands[:-1])
+    # Before each retry the server (taking no traffic) moves to another port: HAProxy 2.6
+    # closes the idle connections that would block `del server` only then.
+    assert deleting.nudge == (f"set server {backend}/b addr 10.0.0.1 port 1",
+                              f"set server {backend}/b addr 10.0.0.1 port 2")
+
+
+def test_many_changes_in_one_plan_keep_their_order():
+    old = lbs("TCP", [node("keep"), node("w"), node("off"), node("gone")])
+    new = lbs("TCP", [node("keep"), node("w", weight=2), node("off", condition="DISABLED"),
+                      node("new", address="10.0.0.9")])
+    verbs = [" ".join(line.split()[:2]) + (" " + line.split()[-1] if "state" in line else "")
+             for line in lines(decide(old, new))]
+    assert verbs == ["add server", "enable health", "set server ready", "set server",
+                     "set server maint", "set server maint", "del server"]
+
+
+def test_ten_thousand_weights_make_one_runtime_plan():
+    """No cap on the number of commands: they travel many per socket line."""
+    old = lbs(nodes=[node(f"n{i}", port=1000 + i) for i in range(10_000)])
+    new = lbs(nodes=[node(f"n{i}", port=1000 + i, weight=2) for i in range(10_000)])
+    commands = lines(decide(old, new))
+    assert len(commands) == 10_000 and commands[-1] == "set server http_servers/n9999 weight 2"
+
+
+def test_two_load_balancers_change_separately():
+    old = parse_update({"loadBalancers": [
+        {"protocol": "HTTP", "port": 80, "nodes": [node("h")]},
+        {"protocol": "TCP", "port": 81, "nodes": [node("t")]}]})
+    new = parse_update({"loadBalancers": [
+        {"protocol": "TCP", "port": 81, "nodes": [node("t", weight=3)]},
+        {"protocol": "HTTP", "port": 80, "nodes": [node("h", weight=4)]}]})
+    assert lines(decide(old, new)) == ["set server tcp_servers/t weight 3", "set server http_servers/h weight 4"]
+
+
+# --------------------------------------------------------------------------
+# What only a reload does
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change", [
+    {"port": 8081}, {"algorithm": "LEAST_CONNECTIONS"},
+    {"monitor": {"type": "HTTP", "delay": 7, "timeout": 3, "attempts": 4, "path": "/"}},
+    {"options": {"client_timeout": 1000}}, {"options": {"connect_retries": 0}}])
+def test_a_load_balancers_own_settings(change):
+    chosen = decide(lbs(), lbs(**change), NEW_HAPROXY)
+    assert chosen.kind == plan.RELOAD and "own settings" in chosen.reason
+
+
+def test_a_protocol_replaced_or_a_load_balancer_added():
+    assert decide(lbs("HTTP"), lbs("TCP"), NEW_HAPROXY).kind == plan.RELOAD
+    both = parse_update({"loadBalancers": [{"protocol": "HTTP", "port": 80, "nodes": [node("h")]},
+                                           {"protocol": "TCP", "port": 81, "nodes": [node("t")]}]})
+    chosen = decide(lbs("HTTP", [node("h")], port=80), both, NEW_HAPROXY)
+    assert chosen.kind == plan.RELOAD and "added or removed" in chosen.reason
+
+
+def test_a_backup_flag():
+    chosen = decide(lbs("TCP", [node("a"), node("b")]), lbs("TCP", [node("a"), node("b", backup=True)]),
+                    NEW_HAPROXY)
+    assert chosen.kind == plan.RELOAD and "backup" in chosen.reason
+
+
+def test_a_host_name_moved_to_or_added():
+    old = lbs("TCP", [node("a")])
+    assert decide(old, lbs("TCP", [node("a", address="db.example")])).kind == plan.RELOAD
+    chosen = decide(old, lbs("TCP", [node("a"), node("b", address="db.example")]))
+    assert chosen.kind == plan.RELOAD and "host name" in chosen.reason
+
+
+def test_thousands_of_nodes_added_to_a_big_backend_reload_faster():
+    """`add server` costs more the more servers the backend has: past MAX_ADD_WORK a reload wins."""
+    anchor = [node("anchor", port=1)]
+    many = [node(f"n{i}", port=1000 + i) for i in range(9_999)]
+    assert decide(lbs("TCP", anchor), lbs("TCP", anchor + many[:1_000])).kind == plan.RUNTIME
+    assert decide(lbs("TCP", many[:9_000]), lbs("TCP", many[:9_100])).kind == plan.RUNTIME
+    chosen = decide(lbs("TCP", anchor), lbs("TCP", anchor + many))
+    assert chosen.kind == plan.RELOAD and "9999 nodes are added" in chosen.reason
+    assert decide(lbs("TCP", many[:8_000]), lbs("TCP", many[:9_999])).kind == plan.RELOAD
+
+
+def test_most_of_a_big_backend_removed_reloads_faster():
+    anchor = [node("anchor", port=1)]
+    many = [node(f"n{i}", port=1000 + i) for i in range(9_999)]
+    assert decide(lbs("TCP", anchor + many[:1_000]), lbs("TCP", anchor)).kind == plan.RUNTIME
+    assert decide(lbs("TCP", many), lbs("TCP", many[:5_000])).kind == plan.RUNTIME
+    chosen = decide(lbs("TCP", anchor + many), lbs("TCP", anchor))
+    assert chosen.kind == plan.RELOAD and "9999 of 10000 nodes are removed" in chosen.reason
+
+
+def test_a_hand_built_model_with_an_unsafe_value_is_refused_not_sent():
+    old = lbs("TCP", [node("a")])
+    (good,) = old
+    bad = dataclasses.replace(good, nodes=(good.nodes[0]._replace(weight="2 check"),))
+    with pytest.raises(ValueError):
+        decide(old, (bad,))
+
+
+# --------------------------------------------------------------------------
+# What the running HAProxy accepts
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("info,cookie", [
+    ("Name: HAProxy\nVersion: 2.6.12-1+deb12u4\nRelease_date: 2026/10/17\n", False),
+    ("Name: HAProxy\nVersion: 3.0.11-9e587df\n", True),
+    ("Version: 3.2.0\n", True), ("Version: 2.9.9\n", False), ("no version here", False), ("", False)])
+def test_accepts_from_show_info(info, cookie):
+    assert Accepts.from_info(info) == Accepts(dynamic_cookie=cookie)
+
+
+# --------------------------------------------------------------------------
+# One server line for the config and for `add server`
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("protocol", ["HTTP", "TCP", "GALERA"])
+@pytest.mark.parametrize("extra", [{}, {"backup": True, "weight": 9}, {"condition": "DISABLED"},
+                                   {"address": "::1"}])
+def test_add_server_says_what_the_config_says(protocol, extra):
+    first, added = node("a"), node("b", **{"address": "10.0.0.2", **extra})
+    if protocol == "GALERA":
+        added["backup"] = True
+    old, new = lbs(protocol, [first]), lbs(protocol, [first, added])
+    server_line = next(line for line in render.render_config(new, SETTINGS).splitlines()
+                       if line.strip().startswith("server b "))
+    add = lines(decide(old, new, NEW_HAPROXY))[0]
+    assert add.split(" ", 3)[3] == server_line.strip().split(" ", 2)[2], (add, server_line)
+
+
+# --------------------------------------------------------------------------
+# What counts as done
+# --------------------------------------------------------------------------
+
+def test_expected_answers():
+    old = lbs("TCP", [node("a"), node("b"), node("c")])
+    new = lbs("TCP", [node("a", weight=2), node("b", address="10.0.0.5", condition="DISABLED"),
+                      node("d", address="10.0.0.4")])
+    answers = {"add": "New server registered.\n", "enable": "", "set": "",
+               "del": "Server deleted.\n"}
+    for command in decide(old, new).commands:
+        answer = ("IP changed from '10.0.0.1' to '10.0.0.5', no need to change the port by 'stats socket command'\n"
+                  if " addr " in command.line else answers[command.line.split()[0]])
+        assert command.expect.match(answer), command.line
+        assert not command.expect.match("No such server.\n"), command.line
+
+
+def test_runtime_batches_keep_order_and_stay_within_a_line():
+    old = lbs(nodes=[node(f"n{i}", port=1000 + i) for i in range(2_000)])
+    new = lbs(nodes=[node(f"n{i}", port=1000 + i, weight=3) for i in range(2_000)])
+    commands = decide(old, new).commands
+    batches = list(runtime_batches(commands))
+    assert len(batches) > 1
+    assert [command for batch in batches for command in batch] == list(commands)
+    assert all(len(";".join(command.line for command in batch)) < RUNTIME_LINE_BYTES for batch in batches)
+
+
+def test_models_used_here_are_what_the_edge_makes():
+    (lb,) = lbs()
+    assert isinstance(lb.monitor, Monitor) and isinstance(lb.options, Options)
