@@ -114,7 +114,7 @@ def _readable_config(path, who):
 
 
 # What the daemon still imports, or reads, after it has dropped privileges.
-RUNTIME_MODULES = ("os", "encodings", "libra_worker", "daemon", "gear", "jinja2")
+RUNTIME_MODULES = ("os", "encodings", "libra_worker", "daemon", "jinja2")
 
 
 def _module_dirs():
