@@ -283,7 +283,9 @@ class Worker:
             self._drop(server, server.closing, now)
             return
         if server.grab_deadline is not None and now >= server.grab_deadline:
-            self._drop(server, f"did not answer GRAB_JOB_UNIQ within {self.timeout:g}s", now)
+            partial = server.link.reader.buffered
+            self._drop(server, f"sent {partial} bytes of a packet and not the rest within {self.timeout:g}s"
+                       if partial else f"did not answer GRAB_JOB_UNIQ within {self.timeout:g}s", now)
             return
         if server.echo_deadline is not None and now >= server.echo_deadline:
             self._drop(server, f"did not answer ECHO_REQ within {self.timeout:g}s", now)
