@@ -3,7 +3,8 @@
 SUBMIT_JOB goes to the first job server that connects and answers
 JOB_CREATED (the next one is tried when a server is down or refuses);
 then WORK_DATA is gathered until WORK_COMPLETE, WORK_FAIL or
-WORK_EXCEPTION for that handle.  WORK_STATUS and WORK_WARNING are noted
+WORK_EXCEPTION for that handle.  The reply is WORK_COMPLETE's data (the
+WORK_DATA partial results when it carries none).  WORK_STATUS and WORK_WARNING are noted
 and ignored.  Everything runs under one overall deadline on the same
 non-blocking Link as the worker.
 """
@@ -136,7 +137,9 @@ class _Session:
                 elif kind == packets.WORK_STATUS:
                     pass
                 elif kind == packets.WORK_COMPLETE:
-                    return Outcome("complete", b"".join(chunks) + fields[1], handle, self.link.label, warnings)
+                    # WORK_DATA are partial results; the reply is WORK_COMPLETE's, or theirs when it has none.
+                    data = fields[1] if fields[1] or not chunks else b"".join(chunks)
+                    return Outcome("complete", data, handle, self.link.label, warnings)
                 elif kind == packets.WORK_FAIL:
                     return Outcome("fail", b"".join(chunks), handle, self.link.label, warnings)
                 elif kind == packets.WORK_EXCEPTION:

@@ -70,6 +70,8 @@ def split(kind, body):
     count = ARGUMENTS.get(kind)
     if count is None:
         raise ProtocolError(f"unexpected packet {name_of(kind)}")
+    if kind == WORK_FAIL:   # Perl's Gearman::Worker sends "handle\0": only the handle counts
+        return (body.split(b"\0", 1)[0],)
     if count == 0:
         if body:
             raise ProtocolError(f"{name_of(kind)} with a {len(body)}-byte body")

@@ -80,7 +80,7 @@ class _Server:
         self.empty_wakeups = deque()
         self.woken = False
         self.proven = False
-        self.unconfirmed = None    # handle of a reply not yet confirmed
+        self.unconfirmed = None    # the job (its log name) whose reply is not yet confirmed
         self.closing = None        # reason: close once the output is flushed
         self.trouble_since = None  # wall time the current run of trouble started
         self.trouble_logged_back = False
@@ -164,7 +164,7 @@ class Worker:
         for server in self.servers:
             if server.link is not None and server.unconfirmed:
                 LOG.warning("job %s: job server %s did not confirm the reply before shutdown; "
-                            "it may not have been delivered", _text(server.unconfirmed), server.label)
+                            "it may not have been delivered", server.unconfirmed, server.label)
             if server.link is not None:
                 server.link.close()
                 server.link = None
@@ -184,7 +184,7 @@ class Worker:
         now = self.clock()
         try:
             server.link.send(packet, now)
-            server.unconfirmed = job.handle
+            server.unconfirmed = _text(job.name.encode())
             if self.stopping:
                 self._probe(server, now)   # its ECHO_RES confirms the reply
             else:
@@ -353,16 +353,16 @@ class Worker:
         server.grab_deadline = server.echo_deadline = server.echo_token = None
         delay = server.backoff.next_delay(now)
         server.retry_at = now + delay
+        # What the loss cost goes into the one line about it (a hostile server repeats it).
         if server.unconfirmed is not None:
-            LOG.warning("job %s: the connection to job server %s was lost before it confirmed the "
-                        "reply (%s); the reply may not have been delivered",
-                        _text(server.unconfirmed), server.label, reason)
+            reason += (f"; the reply to job {server.unconfirmed} may not have been delivered "
+                       f"(the connection was lost before the server confirmed it)")
             server.unconfirmed = None
         lost = [job for job in self.ready if job._origin is server]
         for job in lost:
             self.ready.remove(job)
-            LOG.info("job %s from %s not run: the job server went away before its turn",
-                     job.name, server.label)
+        if lost:
+            reason += f"; job {', '.join(job.name for job in lost)} not run (the server went away before its turn)"
         if self.stopping:
             LOG.debug("job server %s: %s (stopping)", server.label, reason)
         elif server.trouble_since is None:
