@@ -136,7 +136,11 @@ def parse_servers(option, text_or_list):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="libra_worker",
-        description="Gearman worker that applies LBaaS jobs to the local HAProxy.")
+        description="Gearman worker that applies LBaaS jobs to the local HAProxy.",
+        epilog="INI-only options are described, with their defaults, in etc/sample_libra.cfg; "
+               "[gearman]: reconnect_sleep, timeout (seconds a job server has to answer, finish a "
+               "packet or take a reply), probe_interval (idle seconds before an ECHO_REQ probe), "
+               "keepalive, ssl_key/ssl_cert/ssl_ca.")
     parser.add_argument("-c", "--config", metavar="FILE",
                         help=f"INI configuration file (default: {DEFAULT_CONFIG} if it exists)")
     parser.add_argument("-n", "--nodaemon", action="store_true",
