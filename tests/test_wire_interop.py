@@ -255,3 +255,14 @@ def test_client_gathers_work_data_from_a_gear_worker(gearmand):
         thread.join(5)
         worker.shutdown()
         assert gear  # imported for its Worker's job methods
+
+
+def test_echo_probes_on_an_idle_connection_leave_it_awake_for_new_jobs(worker, gearmand):
+    """ECHO_REQ probes on a sleeping connection: gearmand still wakes the worker (NOOP) for a job."""
+    process = worker(extra_ini={"gearman": {"probe_interval": 1}})
+    time.sleep(3.5)                      # three probes answered while asleep
+    started = time.monotonic()
+    reply = gearman_cli(gearmand, process.name, {"hpcs_action": "DISCOVER"}, unique_name("idle"))
+    assert reply["hpcs_response"] == "PASS"
+    assert time.monotonic() - started < 1.5
+    assert "ECHO" not in process.log_text(), "a probe was not answered"
