@@ -130,6 +130,9 @@ def parse_servers(option, text_or_list):
             servers.append(parse_host_port(option, word, DEFAULT_GEARMAN_PORT))
     if not servers:
         raise ConfigError(option, text_or_list, "at least one job server is needed")
+    for index, server in enumerate(servers):
+        if server in servers[:index]:
+            raise ConfigError(option, text_or_list, f"job server {server[0]}:{server[1]} given twice")
     return tuple(servers)
 
 

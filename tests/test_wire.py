@@ -150,3 +150,24 @@ def test_a_ca_that_is_not_one_names_ssl_ca(material, tmp_path):
     with pytest.raises(tls.TlsMaterialError) as error:
         tls.client_context(client.key, client.cert, str(bogus))
     assert error.value.option == "[gearman] ssl_ca"
+
+
+# --- settings of the wire ------------------------------------------------------------
+
+def test_a_job_server_given_twice_is_a_config_error():
+    from libra_worker.errors import ConfigError
+    from libra_worker.settings import load
+    with pytest.raises(ConfigError, match="given twice"):
+        load(["--config", "/dev/null", "-s", "127.0.0.1:4730", "-s", "127.0.0.1:4730"])
+
+
+def test_timeout_and_probe_interval_are_read_and_checked(tmp_path):
+    from libra_worker.errors import ConfigError
+    from libra_worker.settings import load
+    config = tmp_path / "worker.ini"
+    config.write_text("[gearman]\ntimeout = 4\nprobe_interval = 12\n")
+    gearman = load(["--config", str(config)]).gearman
+    assert (gearman.timeout, gearman.probe_interval) == (4.0, 12.0)
+    config.write_text("[gearman]\ntimeout = 0\n")
+    with pytest.raises(ConfigError, match=r"\[gearman\] timeout"):
+        load(["--config", str(config)])
