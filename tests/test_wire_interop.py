@@ -266,3 +266,24 @@ def test_echo_probes_on_an_idle_connection_leave_it_awake_for_new_jobs(worker, g
     assert reply["hpcs_response"] == "PASS"
     assert time.monotonic() - started < 1.5
     assert "ECHO" not in process.log_text(), "a probe was not answered"
+
+
+def test_back_to_back_jobs_do_not_wait_on_nagle(worker, gearmand):
+    """TCP_NODELAY: without it each reply + next grab waits ~40 ms on Nagle and delayed ACK."""
+    process = worker()
+    with GearClient([gearmand]) as client:
+        times = []
+        for number in range(30):
+            started = time.monotonic()
+            client.submit(process.name, {"hpcs_action": "DISCOVER", "n": number}, 10)
+            times.append(time.monotonic() - started)
+    times.sort()
+    assert times[len(times) // 2] < 0.02, f"median round trip {times[len(times) // 2] * 1e3:.1f} ms"
+
+
+def test_tcp_keepalive_when_configured(worker, gearmand):
+    process = worker(extra_ini={"gearman": {"keepalive": "true", "keepidle": 600}})
+    shown = subprocess.run(["ss", "-tnpo", "state", "established", f"( dport = :{gearmand.port} )"],
+                           capture_output=True, text=True, timeout=10).stdout
+    ours = [line for line in shown.splitlines() if f"pid={process.pid}," in line]
+    assert ours and all("keepalive" in line for line in ours), shown
