@@ -169,7 +169,7 @@ class Fleet:
                          f"fleet-echo-{number}", *addresses])
             self.echoes.append(echo)
         names = {f"fleet-echo-{number}" for number in range(self.count)}
-        procs.wait_for(lambda: all(registered(g, names) == names for g in self.gearmands), 60,
+        procs.wait_for(lambda: all(registered(g, names) == names for g in self.gearmands), 300,
                        "every echo worker registered on both job servers")
 
     def requests(self, prefix):
