@@ -7,6 +7,7 @@ STATS reply needs) and sends the payload back.  No JSON, no logging.
 """
 import socket
 import sys
+import time
 
 import gear
 
@@ -32,7 +33,11 @@ def main(argv):
     for address in servers:
         host, _, port = address.rpartition(":")
         worker.addServer(host, int(port))
-    worker.waitForServer(timeout=10)
+    # Register once every server is connected: gear sends CAN_DO only to the
+    # connections it has at that moment, and the floor must be on both servers.
+    deadline = time.monotonic() + 60
+    while len(worker.active_connections) < len(servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
     worker.registerFunction(name)
     while True:  # until SIGTERM (its default action ends the process)
         try:
