@@ -166,3 +166,28 @@ def test_timeout_and_probe_interval_are_read_and_checked(tmp_path):
     config.write_text("[gearman]\ntimeout = 0\n")
     with pytest.raises(ConfigError, match=r"\[gearman\] timeout"):
         load(["--config", str(config)])
+
+
+def test_a_job_a_little_too_large_is_read_past_and_handed_over_as_oversized():
+    reader = Reader(cap=packets.WORKER_PACKET_CAP, discard_limit=packets.WORKER_DISCARD_LIMIT,
+                    discard_kinds=(packets.JOB_ASSIGN_UNIQ,))
+    payload = b"x" * (10 * 1024 * 1024)
+    stream = res(packets.JOB_ASSIGN_UNIQ, b"H:1", b"fn", b"u", payload) + res(packets.NOOP)
+    found = []
+    for start in range(0, len(stream), 262144):
+        found += reader.feed(stream[start:start + 262144])
+        assert reader.buffered <= 262144 + packets.ENVELOPE + 12, "the big body was kept"
+    assert [kind for kind, _ in found] == [packets.JOB_ASSIGN_UNIQ, packets.NOOP]
+    body = found[0][1]
+    assert isinstance(body, packets.Truncated) and body.declared == len(payload) + len(b"H:1fnu") + 3
+    from libra_worker.wire.worker import _oversized
+    handle, function, unique, stand_in = _oversized(packets.JOB_ASSIGN_UNIQ, packets.split(*found[0]), body)
+    assert (handle, function, unique) == (b"H:1", b"fn", b"u") and len(stand_in) == len(payload)
+    assert bytes(stand_in) == b""
+
+
+def test_beyond_the_discard_limit_the_header_alone_is_refused():
+    reader = Reader(cap=packets.WORKER_PACKET_CAP, discard_limit=packets.WORKER_DISCARD_LIMIT,
+                    discard_kinds=(packets.JOB_ASSIGN_UNIQ,))
+    with pytest.raises(ProtocolError, match="declares"):
+        reader.feed(packets.HEADER.pack(packets.RES, packets.JOB_ASSIGN_UNIQ, packets.WORKER_DISCARD_LIMIT + 1))

@@ -43,7 +43,7 @@ def _is_ip(host):
 
 class Link:
     def __init__(self, host, port, selector, *, timeout, cap, tls_context=None,
-                 keepalive=None, wake=None, magic=packets.RES):
+                 keepalive=None, wake=None, magic=packets.RES, discard_limit=0, discard_kinds=()):
         self.host, self.port = host, port
         self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.selector = selector
@@ -51,7 +51,7 @@ class Link:
         self.tls_context = tls_context
         self.keepalive = keepalive          # None or (idle, interval, count)
         self.wake = wake                    # called from the resolver thread
-        self.reader = packets.Reader(cap, magic)
+        self.reader = packets.Reader(cap, magic, discard_limit, discard_kinds)
         self.max_output = 2 * cap + packets.ENVELOPE
         self.state = "new"
         self.sock = None

@@ -49,6 +49,10 @@ ARGUMENTS = {
 MAX_PAYLOAD = 4 * 1024 * 1024
 ENVELOPE = 64 * 1024
 WORKER_PACKET_CAP = MAX_PAYLOAD + ENVELOPE
+# A job a little too large (a client's mistake, not an attack) still gets an
+# answer: up to this size its body is read past, not kept, and the job is
+# handed over as oversized.  Beyond it, the header alone drops the connection.
+WORKER_DISCARD_LIMIT = 64 * 1024 * 1024
 
 
 class ProtocolError(Exception):
@@ -82,33 +86,59 @@ def split(kind, body):
     return tuple(fields)
 
 
+class Truncated(bytes):
+    """The first ENVELOPE bytes of an oversized body; `declared` is its full size."""
+
+    declared = 0
+
+
 class Reader:
     """Bytes in, (type, body) packets out; at most `cap` body bytes per packet.
 
     feed() raises ProtocolError on a wrong magic, an unknown or oversized
     packet; the connection is then unusable.  `partial` tells whether an
     incomplete packet is buffered (the caller puts a deadline on it).
+    With `discard_limit`, a packet of a `discard_kinds` type declaring up to
+    that much is kept only up to ENVELOPE bytes; the rest is read past and
+    the packet comes out with a Truncated body.
     """
 
-    def __init__(self, cap, magic=RES):
+    def __init__(self, cap, magic=RES, discard_limit=0, discard_kinds=()):
         self.cap = cap
         self.magic = magic
+        self.discard_limit = discard_limit
+        self.discard_kinds = discard_kinds
         self._buffer = bytearray()
         self._offset = 0
+        self._skip = 0            # body bytes still to read past
+        self._skipped = None      # (kind, Truncated head) being read past
 
     @property
     def partial(self):
-        return len(self._buffer) > self._offset
+        return len(self._buffer) > self._offset or self._skipped is not None
 
     @property
     def buffered(self):
         return len(self._buffer) - self._offset
 
+    def _read_past(self, data, packets):
+        """While skipping: drop what belongs to the oversized body; the rest of data."""
+        taken = min(self._skip, len(data))
+        self._skip -= taken
+        if self._skip == 0:
+            packets.append(self._skipped)
+            self._skipped = None
+        return data[taken:]
+
     def feed(self, data):
         """Append data; return the complete packets now available, in order."""
+        packets = []
+        if self._skipped is not None:
+            data = self._read_past(data, packets)
+            if not data:
+                return packets
         buffer = self._buffer
         buffer += data
-        packets = []
         offset = self._offset
         end = len(buffer)
         try:
@@ -122,7 +152,23 @@ class Reader:
                 if kind not in NAMES:
                     raise ProtocolError(f"unknown packet type {kind}")
                 if size > self.cap:
-                    raise ProtocolError(f"{name_of(kind)} declares {size} bytes (cap {self.cap})")
+                    if kind not in self.discard_kinds or size > self.discard_limit:
+                        raise ProtocolError(f"{name_of(kind)} declares {size} bytes (cap {self.cap})")
+                    if end - offset < HEADER.size + ENVELOPE:
+                        break    # wait for the head: handle, function, unique id
+                    start = offset + HEADER.size
+                    head = Truncated(buffer[start:start + ENVELOPE])
+                    head.declared = size
+                    self._skipped = (kind, head)
+                    self._skip = size - ENVELOPE
+                    rest = bytes(buffer[start + ENVELOPE:end])
+                    offset = end
+                    rest = self._read_past(rest, packets)
+                    if self._skipped is not None:
+                        break
+                    buffer += rest
+                    end = len(buffer)
+                    continue
                 if end - offset < HEADER.size + size:
                     break
                 start = offset + HEADER.size

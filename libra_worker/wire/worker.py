@@ -306,7 +306,9 @@ class Worker:
     def _connect(self, server, now):
         link = Link(server.host, server.port, self.selector, timeout=self.timeout,
                     cap=packets.WORKER_PACKET_CAP, tls_context=self.tls_context,
-                    keepalive=self.keepalive, wake=self.wake)
+                    keepalive=self.keepalive, wake=self.wake,
+                    discard_limit=packets.WORKER_DISCARD_LIMIT,
+                    discard_kinds=(packets.JOB_ASSIGN, packets.JOB_ASSIGN_UNIQ))
         link.owner = server
         server.link = link
         server.generation += 1
@@ -399,6 +401,8 @@ class Worker:
             if server.phase != "grabbing":
                 raise ProtocolFault(f"{packets.name_of(kind)} without a GRAB_JOB_UNIQ")
             fields = _fields(kind, body)
+            if isinstance(body, packets.Truncated):
+                fields = _oversized(kind, fields, body)
             self._answered(server, now)
             server.grab_deadline = None
             server.awake_noops = 0
@@ -462,6 +466,32 @@ class Worker:
             return
         server.phase = "busy"
         self.ready.append(Job(handle, function, unique, payload, server))
+
+
+class OversizedPayload(bytes):
+    """Stands for a payload that was read past, not kept: empty, but len() is its size.
+
+    The controller refuses it as too large (or, reading it, as empty), so
+    the job still gets its FAIL reply.
+    """
+
+    def __new__(cls, size):
+        payload = super().__new__(cls, b"")
+        payload.size = size
+        return payload
+
+    def __len__(self):
+        return self.size
+
+
+def _oversized(kind, fields, body):
+    """The fields of a JOB_ASSIGN(_UNIQ) whose payload was read past."""
+    head, payload = fields[:-1], fields[-1]
+    if not payload and len(b"\0".join(head)) + len(head) >= len(body):
+        raise ProtocolFault(f"oversized {packets.name_of(kind)} whose first "
+                            f"{len(body)} bytes do not hold its handle and function")
+    size = body.declared - sum(len(field) for field in head) - len(head)
+    return (*head, OversizedPayload(size))
 
 
 def _fields(kind, body):
