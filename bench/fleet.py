@@ -87,6 +87,8 @@ def fan_out(client, requests, poll_timeout, on_progress=None):
             job.lost = True
             job.done.set()
         jobs[key] = job
+        if on_progress is not None:   # the crash may come while the fan-out is still being sent
+            on_progress(sum(1 for sent in jobs.values() if sent.done.is_set()), len(requests))
     deadline = started + poll_timeout
     pending = dict(jobs)
     while pending and time.perf_counter() < deadline:
