@@ -122,13 +122,17 @@ class JobLoop:
                 return
             reply = result.reply_bytes
             handled += len(reply)
-            sent = "" if self._wire.complete(job, reply) else \
+            # The job's line is written before its reply goes: whoever has the reply finds the line.
+            reachable = self._wire.reachable(job)
+            sent = "" if reachable else \
                 f" (reply not delivered: job server {job.server} went away during the job)"
+            reason = f": {result.error}" if result.error else ""
+            note = f" ({result.note})" if result.note else ""
+            LOG.info("job %s %s %s %.3fs%s%s%s", _printable(job.name), result.action, result.status,
+                     time.monotonic() - started, note, reason, sent)
+            if reachable:
+                self._wire.complete(job, reply)   # a send that fails is logged by the wire, once
         finally:
             self.in_job = False
             if handled >= TRIM_AFTER_BYTES:
                 release_memory()
-        reason = f": {result.error}" if result.error else ""
-        note = f" ({result.note})" if result.note else ""
-        LOG.info("job %s %s %s %.3fs%s%s%s", _printable(job.name), result.action, result.status,
-                 time.monotonic() - started, note, reason, sent)

@@ -138,8 +138,16 @@ class Worker:
             self._turn()
         return None
 
+    def reachable(self, job):
+        """Is the connection the job came on still there?  (Reads what arrived during the job.)"""
+        self._resume()
+        self._turn(0)   # a close that arrived during the job is seen before the reply goes
+        server = job._origin
+        return server.generation == job._generation and server.link is not None and not server.closing
+
     def complete(self, job, data):
-        """Send WORK_COMPLETE; False when the job's connection is already gone."""
+        """Send WORK_COMPLETE; False when the job's connection is known to be gone
+        (call reachable() first to learn of a close that came during the job)."""
         return self._answer(job, packets.encode(packets.WORK_COMPLETE, job.handle, data))
 
     def fail(self, job):
@@ -177,14 +185,13 @@ class Worker:
 
     def _answer(self, job, packet):
         self._resume()
-        self._turn(0)   # a close that arrived during the job is seen before the reply goes
         server = job._origin
         if server.generation != job._generation or server.link is None or server.closing:
             return False
         now = self.clock()
         try:
+            server.unconfirmed = _text(job.name.encode())   # a failing send says so in its line
             server.link.send(packet, now)
-            server.unconfirmed = _text(job.name.encode())
             if self.stopping:
                 self._probe(server, now)   # its ECHO_RES confirms the reply
             else:
