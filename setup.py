@@ -14,13 +14,12 @@ setup(
     package_data={"libra_worker.drivers.haproxy": ["templates/*.j2"]},
     include_package_data=True,
     install_requires=[
-        "gear>=0.15,<0.17",
         "python-daemon>=2.3",
         "lockfile>=0.12",
         "jinja2>=3.0",
         "python-swiftclient>=3.10",
     ],
-    extras_require={"test": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"test": ["pytest>=7", "hypothesis>=6", "gear>=0.15,<0.17"]},
     scripts=["bin/client.py"],
     entry_points={"console_scripts": ["libra_worker = libra_worker.main:main"]},
     classifiers=[

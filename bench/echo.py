@@ -2,20 +2,25 @@
 
     python -m bench.echo HOST:PORT FUNCTION
 
-It uses libra_worker.gearman.Worker (the same gear worker class, TCP_NODELAY
-and all, as the real worker) and does nothing else: no JSON, no logging.
+It is a bare `gear` worker (an independent Gearman implementation) with
+TCP_NODELAY, as the worker has, and does nothing else: no JSON, no logging.
 """
+import socket
 import sys
 
 import gear
 
-from libra_worker import gearman
+
+class _Worker(gear.Worker):
+    def _onConnect(self, conn):
+        conn.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super()._onConnect(conn)
 
 
 def main(argv):
     address, name = argv
     host, _, port = address.rpartition(":")
-    worker = gearman.Worker(f"bench-echo-{name}", reconnect_sleep=1)
+    worker = _Worker(f"bench-echo-{name}")
     worker.addServer(host, int(port))
     worker.waitForServer(timeout=10)
     worker.registerFunction(name)

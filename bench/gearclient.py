@@ -1,25 +1,28 @@
 """A Gearman client that times round trips without polling.
 
-libra_worker.gearman.Client (TCP_NODELAY), with a threading.Event set by
+A `gear` client (TCP_NODELAY), with a threading.Event set by
 gear's own reader thread the moment WORK_COMPLETE (or FAIL/EXCEPTION)
 arrives, so a round trip is measured from just before SUBMIT_JOB to the
 moment the reply is in, with no sleep-poll quantum in it.
 """
 import json
+import socket
 import threading
 import time
 
 import gear
 
-from libra_worker import gearman
 
-
-class Client(gearman.Client):
+class Client(gear.Client):
     def __init__(self, address, client_id="bench"):
         super().__init__(client_id)
         host, _, port = address.rpartition(":")
         self.addServer(host, int(port))
         self.waitForServer(timeout=10)
+
+    def _onConnect(self, conn):
+        conn.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super()._onConnect(conn)
 
     def _finished(self, job):
         event = getattr(job, "done", None)

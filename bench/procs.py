@@ -215,9 +215,10 @@ class HttpBackend(_Child):
 class LibraWorker(_Child):
     """libra_worker --nodaemon, configured like scripts/demo (process mode, sudo = false)."""
 
-    def __init__(self, workdir, gearmand, name):
+    def __init__(self, workdir, gearmand, name, reconnect_sleep=5):
         super().__init__(workdir, "libra_worker")
-        self.gearmand = gearmand
+        servers = list(gearmand) if isinstance(gearmand, (list, tuple)) else [gearmand]
+        self.gearmand = servers[0]
         self.name = name
         haproxy_dir = self.dir / "haproxy"
         haproxy_dir.mkdir(parents=True, exist_ok=True)
@@ -228,9 +229,10 @@ class LibraWorker(_Child):
         self.config_path = self.dir / "libra.cfg"
         ini = configparser.ConfigParser(interpolation=None)
         ini.read_dict({
-            "gearman": {"servers": gearmand.address, "reconnect_sleep": "5"},
+            "gearman": {"servers": ", ".join(server.address for server in servers),
+                        "reconnect_sleep": str(reconnect_sleep)},
             "worker": {"name": name, "logfile": str(self.dir / "libra_worker.log"),
-                       "network_check": gearmand.address},
+                       "network_check": servers[0].address},
             "worker:haproxy": {
                 "service": "process",
                 "haproxy": HAPROXY,

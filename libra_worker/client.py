@@ -10,13 +10,10 @@ import argparse
 import json
 import socket
 import sys
-import time
 
-import gear
-
-from libra_worker import gearman
 from libra_worker.errors import ConfigError
 from libra_worker.settings import parse_host_port
+from libra_worker.wire import client as wire_client
 
 SAMPLE_UPDATE = {
     "hpcs_action": "UPDATE",
@@ -65,32 +62,16 @@ def build_payload(args):
     return json.dumps(SAMPLE_UPDATE).encode()
 
 
-def submit(servers, name, payload, timeout):
+def submit(servers, name, payload, timeout, tls_context=None):
     """Send the job and wait for WORK_COMPLETE; returns the reply bytes."""
-    deadline = time.monotonic() + timeout
-    client = gearman.Client("libra_client")
     try:
-        for host, port in servers:
-            client.addServer(host, port)
-        try:
-            client.waitForServer(timeout=max(deadline - time.monotonic(), 0.1))
-        except gear.TimeoutError:
-            listed = ", ".join(f"{host}:{port}" for host, port in servers)
-            raise Usage(f"no job server reachable ({listed})") from None
-        job = gear.Job(name, payload)
-        try:
-            client.submitJob(job, timeout=max(deadline - time.monotonic(), 0.1))
-        except gear.GearmanError as error:
-            raise Usage(f"could not submit the job: {error}") from None
-        while not job.complete:
-            if time.monotonic() > deadline:
-                raise Usage(f"no reply from worker {name!r} within {timeout:g}s")
-            time.sleep(0.002)
-        if job.failure or job.exception:
-            raise Usage(f"the job failed without a reply (worker {name!r})")
-        return b"".join(job.data)
-    finally:
-        client.shutdown()
+        outcome = wire_client.submit(servers, name, payload, timeout=timeout, tls_context=tls_context)
+    except wire_client.ClientError as error:
+        raise Usage(str(error)) from None
+    if outcome.status != "complete":
+        detail = f": {outcome.data[:200]!r}" if outcome.data else ""
+        raise Usage(f"the job failed without a reply (worker {name!r}, WORK_{outcome.status.upper()}{detail})")
+    return outcome.data
 
 
 def main(argv=None):

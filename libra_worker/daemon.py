@@ -114,7 +114,7 @@ def _readable_config(path, who):
 
 
 # What the daemon still imports, or reads, after it has dropped privileges.
-RUNTIME_MODULES = ("os", "encodings", "libra_worker", "daemon", "gear", "jinja2")
+RUNTIME_MODULES = ("os", "encodings", "libra_worker", "daemon", "jinja2")
 
 
 def _module_dirs():
@@ -148,7 +148,15 @@ def user_checks(settings, run_as):
         checks.append(lambda: _readable_config(settings.config_path, who))
     directories = _module_dirs()
     checks.append(lambda: _readable_python(directories, who))
+    if settings.gearman.ssl_key:  # TLS files, read by the user who will connect with them
+        checks.append(lambda: _tls_problem(settings, who))
     return checks
+
+
+def _tls_problem(settings, who):
+    from libra_worker.wire import tls
+    problem = tls.problem(settings.gearman)
+    return f"{problem} (as {who})" if problem else None
 
 
 def first_problem_as(run_as, checks):

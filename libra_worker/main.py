@@ -8,19 +8,24 @@ from libra_worker import __version__, logs, settings as settings_module
 from libra_worker.controller import Controller
 from libra_worker.drivers import load_driver
 from libra_worker.errors import ConfigError
-from libra_worker.worker import JobLoop
+from libra_worker.worker import JobLoop, StopFlag
 
 LOG = logging.getLogger(__name__)
 
 
-def install_signal_handlers(loop, file_handler):
-    """TERM/INT: finish the job in hand, reply, exit 0; a second one exits now. HUP: reopen the log."""
+def install_signal_handlers(stop_flag, file_handler):
+    """TERM/INT: finish the job in hand, reply, exit 0 (also while starting); a second one exits now.
+
+    Installed before the driver starts, so a signal during start-up is a
+    first signal too: start-up completes, nothing is served, driver.close()
+    runs, exit 0.  HUP: reopen the log.
+    """
     def stop(signum, frame):
-        if not loop.running:
+        if stop_flag.requested:
             LOG.warning("second %s: exiting without waiting", signal.Signals(signum).name)
             os._exit(1)
         LOG.info("%s: stopping after the job in hand", signal.Signals(signum).name)
-        loop.stop()
+        stop_flag.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -29,13 +34,13 @@ def install_signal_handlers(loop, file_handler):
 
 def serve(settings, file_handler):
     """Run the job loop until a signal stops it; returns the exit status."""
-    driver = load_driver(settings)
-    loop = JobLoop(settings, Controller(settings, driver))
-    install_signal_handlers(loop, file_handler)
+    stop_flag = StopFlag()
+    install_signal_handlers(stop_flag, file_handler)
     LOG.info("libra_worker %s starting (driver %s, pid %d)", __version__, settings.driver, os.getpid())
+    driver = load_driver(settings)
     try:
         driver.start()
-        loop.run()
+        JobLoop(settings, Controller(settings, driver), stop_flag).run()
     finally:
         driver.close()
     return 0

@@ -170,6 +170,25 @@ def _statsfile(path):
                  "it will be moved aside and counting starts afresh")
 
 
+def _tls_material(settings):
+    """The TLS files as the daemon's run user reads them (the settings loaded as this uid)."""
+    from libra_worker import daemon
+    from libra_worker.wire import tls
+    if settings.nodaemon:
+        problem = tls.problem(settings.gearman)   # settings.load() already read them as this user
+    else:
+        try:
+            run_as = daemon.resolve_run_as(settings)
+        except daemon.StartupError as error:
+            return Check("TLS material", False, str(error), "fix --user/--group")
+        problem = daemon.first_problem_as(run_as, [lambda: tls.problem(settings.gearman)])
+    if problem:
+        return Check("TLS material", False, problem,
+                     "make ssl_key, ssl_cert and ssl_ca readable by the worker's user, the key matching the certificate")
+    return Check("TLS material", True, f"{settings.gearman.ssl_cert} with its key, verified against "
+                 f"{settings.gearman.ssl_ca}")
+
+
 def run_checks(settings, user=None):
     haproxy = settings.haproxy
     checks = [Check("function name", True, repr(settings.name))]
@@ -178,6 +197,8 @@ def run_checks(settings, user=None):
         checks.append(Check(f"job server {host}:{port}", status == "PASS",
                             "reachable" if status == "PASS" else "cannot connect",
                             "start gearmand there or fix [gearman] servers"))
+    if settings.gearman.ssl_key:
+        checks.append(_tls_material(settings))
     checks.append(_program("haproxy", haproxy.haproxy, "-v"))
     checks.append(_program("socat", haproxy.socat, "-V"))
     if haproxy.sudo:

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 from libra_worker import __version__
 from libra_worker.errors import ConfigError
 from libra_worker.models import CONFIG_WORD
+from libra_worker.wire import tls as wire_tls
 
 DEFAULT_CONFIG = "/etc/libra/libra.cfg"
 DEFAULT_GEARMAN_PORT = 4730
@@ -30,6 +31,8 @@ class GearmanSettings:
     keepidle: int = 7200
     keepintvl: int = 75
     keepcnt: int = 9
+    timeout: float = 10.0
+    probe_interval: float = 30.0
     ssl_key: Optional[str] = None
     ssl_cert: Optional[str] = None
     ssl_ca: Optional[str] = None
@@ -131,13 +134,20 @@ def parse_servers(option, text_or_list):
             servers.append(parse_host_port(option, word, DEFAULT_GEARMAN_PORT))
     if not servers:
         raise ConfigError(option, text_or_list, "at least one job server is needed")
+    for index, server in enumerate(servers):
+        if server in servers[:index]:
+            raise ConfigError(option, text_or_list, f"job server {server[0]}:{server[1]} given twice")
     return tuple(servers)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="libra_worker",
-        description="Gearman worker that applies LBaaS jobs to the local HAProxy.")
+        description="Gearman worker that applies LBaaS jobs to the local HAProxy.",
+        epilog="INI-only options are described, with their defaults, in etc/sample_libra.cfg; "
+               "[gearman]: reconnect_sleep, timeout (seconds a job server has to answer, finish a "
+               "packet or take a reply), probe_interval (idle seconds before an ECHO_REQ probe), "
+               "keepalive, ssl_key/ssl_cert/ssl_ca.")
     parser.add_argument("-c", "--config", metavar="FILE",
                         help=f"INI configuration file (default: {DEFAULT_CONFIG} if it exists)")
     parser.add_argument("-n", "--nodaemon", action="store_true",
@@ -195,6 +205,11 @@ def _gearman(ini, args):
     for key in given:
         if not os.path.isfile(tls[key]):
             raise ConfigError(f"[gearman] {key}", tls[key], "file not found")
+    if given:
+        try:  # every file read and the key matched to its certificate now, not at the first connect
+            wire_tls.client_context(tls["ssl_key"], tls["ssl_cert"], tls["ssl_ca"])
+        except wire_tls.TlsMaterialError as error:
+            raise ConfigError(error.option, error.path, error.why) from None
     return GearmanSettings(
         servers=servers,
         reconnect_sleep=parse_float("[gearman] reconnect_sleep", raw.get("reconnect_sleep", 60), 0.1, 86400),
@@ -202,6 +217,8 @@ def _gearman(ini, args):
         keepidle=parse_int("[gearman] keepidle", raw.get("keepidle", 7200), 1, 86400),
         keepintvl=parse_int("[gearman] keepintvl", raw.get("keepintvl", 75), 1, 86400),
         keepcnt=parse_int("[gearman] keepcnt", raw.get("keepcnt", 9), 1, 1000),
+        timeout=parse_float("[gearman] timeout", raw.get("timeout", 10), 0.5, 3600),
+        probe_interval=parse_float("[gearman] probe_interval", raw.get("probe_interval", 30), 1, 86400),
         **tls)
 
 

@@ -1,12 +1,10 @@
 """The job loop: take one job at a time from Gearman, always send a reply."""
 import ctypes
 import logging
-import threading
 import time
 
-import gear
-
-from libra_worker import gearman
+from libra_worker.wire import tls
+from libra_worker.wire import worker as wire_worker
 
 LOG = logging.getLogger(__name__)
 
@@ -19,6 +17,8 @@ except (OSError, AttributeError):
 # A job whose request and reply together are smaller than this frees too little to
 # hand back; malloc_trim() walks the whole heap (~10 µs, a fifth of a DISCOVER's cost).
 TRIM_AFTER_BYTES = 64 * 1024
+# After a stop: how long sent replies may take to be confirmed before the sockets close.
+SHUTDOWN_TIMEOUT = 3.0
 
 
 def release_memory():
@@ -32,77 +32,107 @@ def _printable(text, limit=80):
     return text.encode("unicode_escape").decode("ascii")[:limit]
 
 
+class StopFlag:
+    """Set by the first SIGTERM/SIGINT, at any time (even before the job loop runs)."""
+
+    def __init__(self):
+        self.requested = False
+        self._listeners = []
+
+    def set(self):
+        """Safe in a signal handler: a flag and a byte on a pipe."""
+        self.requested = True
+        for listener in list(self._listeners):
+            listener()
+
+    def listen(self, callback):
+        self._listeners.append(callback)
+
+    def forget(self, callback):
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+
 class JobLoop:
     """Registers `settings.name` and feeds each job to the controller.
 
-    stop() may be called from a signal handler: the job in hand finishes
-    and its reply is sent before run() returns.
+    A stop (StopFlag.set, safe in a signal handler) lets the job in hand
+    finish and its reply go out before run() returns; a stop that came
+    before run() makes it return at once.
     """
 
-    def __init__(self, settings, controller):
+    def __init__(self, settings, controller, stop_flag=None):
         self.settings = settings
         self.controller = controller
-        self.running = False
+        self.stop_flag = stop_flag or StopFlag()
         self.in_job = False
-        self._gear = None
+        self._wire = None
+
+    @property
+    def running(self):
+        return self._wire is not None and not self.stop_flag.requested
+
+    def stop(self):
+        self.stop_flag.set()
+
+    def _connect(self):
+        gearman = self.settings.gearman
+        keepalive = (gearman.keepidle, gearman.keepintvl, gearman.keepcnt) if gearman.keepalive else None
+        return wire_worker.Worker(
+            gearman.servers, self.settings.name,
+            client_id=f"libra_worker-{self.settings.name}",
+            tls_context=tls.settings_context(gearman),
+            reconnect_cap=gearman.reconnect_sleep,
+            timeout=gearman.timeout,
+            probe_interval=gearman.probe_interval,
+            keepalive=keepalive)
 
     def run(self):
-        self._gear = gearman.Worker(f"libra_worker-{self.settings.name}",
-                                    self.settings.gearman.reconnect_sleep)
-        gearman.add_servers(self._gear, self.settings.gearman)
-        self._gear.registerFunction(self.settings.name)
-        self.running = True
+        if self.stop_flag.requested:
+            LOG.info("stopped before serving %r", self.settings.name)
+            return
+        self._wire = self._connect()
+        self.stop_flag.listen(self._wire.stop)
+        if self.stop_flag.requested:   # a signal between the check above and listen()
+            self._wire.stop()
         servers = ", ".join(f"{host}:{port}" for host, port in self.settings.gearman.servers)
         LOG.info("serving function %r from %s", self.settings.name, servers)
         try:
-            while self.running:
-                try:
-                    job = self._gear.getJob()
-                except gear.InterruptedError:
+            while not self.stop_flag.requested:
+                job = self._wire.next_job()
+                if job is None:
                     break
                 self._serve(job)
         finally:
-            self._close()
-
-    def stop(self):
-        """Ask run() to return after the job in hand (safe in a signal handler)."""
-        self.running = False
-        if self._gear is not None:
-            # getJob() holds gear's job lock now and then; never take it from
-            # inside a signal handler running on the same thread.
-            threading.Thread(target=self._gear.stopWaitingForJobs, daemon=True).start()
+            self.stop_flag.forget(self._wire.stop)
+            self._wire.close(timeout=SHUTDOWN_TIMEOUT)
+            self._wire = None
+            LOG.info("stopped serving %r", self.settings.name)
 
     def _serve(self, job):
         started = time.monotonic()
         self.in_job = True
-        link = job.connection.conn  # gear reconnects in place: a new socket is a new job server
-        handled = len(job.arguments)
+        handled = len(job.payload)
         try:
-            result = self.controller.handle(job.arguments)
             try:
-                if job.connection.conn is not link:
-                    raise ConnectionError("the job server restarted during the job")
-                reply = result.reply_bytes
-                handled += len(reply)
-                job.sendWorkComplete(reply)
-                sent = ""
-            except Exception as error:  # the job server went away; gearmand re-queues the job
-                sent = f" (reply not delivered: {error})"
+                result = self.controller.handle(job.payload)
+            except Exception:  # the controller never raises; if it ever does, the job still gets an answer
+                LOG.exception("job %s: the controller raised; answering WORK_FAIL", _printable(job.name))
+                self._wire.fail(job)
+                return
+            reply = result.reply_bytes
+            handled += len(reply)
+            # The job's line is written before its reply goes: whoever has the reply finds the line.
+            reachable = self._wire.reachable(job)
+            sent = "" if reachable else \
+                f" (reply not delivered: job server {job.server} went away during the job)"
+            reason = f": {result.error}" if result.error else ""
+            note = f" ({result.note})" if result.note else ""
+            LOG.info("job %s %s %s %.3fs%s%s%s", _printable(job.name), result.action, result.status,
+                     time.monotonic() - started, note, reason, sent)
+            if reachable:
+                self._wire.complete(job, reply)   # a send that fails is logged by the wire, once
         finally:
             self.in_job = False
             if handled >= TRIM_AFTER_BYTES:
                 release_memory()
-        handle = _printable((job.unique or job.handle or b"?").decode("utf-8", "replace"))
-        reason = f": {result.error}" if result.error else ""
-        note = f" ({result.note})" if result.note else ""
-        LOG.info("job %s %s %s %.3fs%s%s%s", handle, result.action, result.status,
-                 time.monotonic() - started, note, reason, sent)
-
-    def _close(self):
-        gear_worker, self._gear = self._gear, None
-        try:
-            gear_worker.unRegisterFunction(self.settings.name)
-        except Exception as error:  # no job server to tell: nothing to undo
-            LOG.debug("could not unregister %s: %s", self.settings.name, error)
-        gear_worker.shutdown()
-        LOG.info("stopped serving %r", self.settings.name)

@@ -376,7 +376,8 @@ def test_second_stop_signal_exits_at_once_and_the_next_start_works(device):
     with GearClient([device.gearmand]) as client:
         client.send(device.name, update(lb("HTTP", free_port(), [
             {"id": 1, "address": "127.0.0.1", "port": free_port()}])))
-        wait_until(lambda: "-c " in calls.read_text(), 10, what="the worker taking the UPDATE")
+        # The file exists from the start (the start-up checks run `-v`): wait for the job's `-c`.
+        wait_until(lambda: "-c" in calls.read_text().split(), 10, what="the worker taking the UPDATE")
         os.kill(pid, signal.SIGTERM)
         time.sleep(0.2)
         os.kill(pid, signal.SIGTERM)
