@@ -470,14 +470,17 @@ def test_libra_worker_runs_from_the_package(installed):
 
 
 @needs_package
-def test_config_is_the_packaged_one_and_registered_with_ucf(installed):
-    assert Path(CONFIG).read_bytes() == Path(PACKAGED_CONFIG).read_bytes()
-    assert run(["ucfq", "-w", CONFIG]).stdout.strip().split(":")[:3] == [CONFIG, PACKAGE, "Yes"]
+def test_config_is_registered_with_ucf_and_names_the_packaged_paths(installed):
+    """ucf, not dpkg, keeps /etc/libra/libra.cfg (an operator's edits survive, unprompted)."""
+    file, package, exists = run(["ucfq", "-w", CONFIG]).stdout.strip().split(":")[:3]
+    assert (file, package, exists) == (CONFIG, PACKAGE, "Yes")
     code = ("from libra_worker import settings; s = settings.load(['--config', %r]); "
-            "print(s.pid, s.logfile, s.haproxy.statsfile)" % CONFIG)
-    pid, logfile, statsfile = run([SYSTEM_PYTHON, "-c", code], cwd="/", env=outside_the_repo_env()).stdout.split()
-    assert pid.startswith("/run/libra/") and logfile.startswith("/var/log/libra/")
-    assert statsfile.startswith("/var/lib/libra/")
+            "print(s.pid, s.logfile, s.haproxy.statsfile)")
+    for config in (CONFIG, PACKAGED_CONFIG):
+        pid, logfile, statsfile = run([SYSTEM_PYTHON, "-c", code % config], cwd="/",
+                                      env=outside_the_repo_env()).stdout.split()
+        assert pid.startswith("/run/libra/") and logfile.startswith("/var/log/libra/"), config
+        assert statsfile.startswith("/var/lib/libra/"), config
 
 
 def installed_sudo_rules():
