@@ -52,7 +52,11 @@ if not ENABLED:
 
 needs_package = pytest.mark.skipif(not ENABLED, reason=SKIP_REASON)
 
-UNIT = "/lib/systemd/system/libra-worker.service"
+# debhelper puts units in /lib on Debian 12 and in /usr/lib on Debian 13 (merged /usr).
+UNIT = next((path for path in ("/usr/lib/systemd/system/libra-worker.service",
+                               "/lib/systemd/system/libra-worker.service") if os.path.exists(path)),
+            "/lib/systemd/system/libra-worker.service")
+UNIT_IN_DEB = ("/lib/systemd/system/libra-worker.service", "/usr/lib/systemd/system/libra-worker.service")
 INIT_SCRIPT = "/etc/init.d/libra-worker"
 SHARE = "/usr/share/libra-worker"
 PACKAGED_CONFIG = f"{SHARE}/libra.cfg"
@@ -231,7 +235,6 @@ def test_deb_lists_the_files_a_device_needs(deb_listing):
         "/usr/bin/libra_client": "-rwxr-xr-x",
         PACKAGED_CONFIG: "-rw-r--r--",
         f"{PACKAGED_SUDOERS}/libra-worker": "-rw-r--r--",
-        UNIT: "-rw-r--r--",
         INIT_SCRIPT: "-rwxr-xr-x",
         LOGROTATE: "-rw-r--r--",
         RSYSLOG: "-rw-r--r--",
@@ -244,6 +247,8 @@ def test_deb_lists_the_files_a_device_needs(deb_listing):
     }
     for command, page in COMMANDS.items():
         expected[f"/usr/share/man/{page}"] = "-rw-r--r--"
+    units = [path for path in UNIT_IN_DEB if path in deb_listing]
+    assert len(units) == 1 and deb_listing[units[0]][0] == "-rw-r--r--", units
     for template in (PROJECT / "libra_worker/drivers/haproxy/templates").glob("*.j2"):
         expected[f"/usr/lib/python3/dist-packages/libra_worker/drivers/haproxy/templates/{template.name}"] = None
     for path, mode in expected.items():
@@ -803,10 +808,14 @@ def test_upgrade_under_load_then_remove_purge_and_reinstall(installed, gearmand,
             assert Path(CONFIG).read_text().endswith("# edited by the operator\n")
             assert Path(CONFIG + ".ucf-dist").read_text().endswith("# A default the next release changed.\n")
 
-            # 2. A reinstall of the same version.
+            # 2. A reinstall of the same version; a worker the operator stopped stays stopped.
+            run([INIT_SCRIPT, "stop"])
             run(["apt-get", "install", "-y", "--reinstall", "-o", "DPkg::Lock::Timeout=600", str(next_deb)],
                 env=apt_env())
             assert installed_version() == f"{next_version}-1"
+            assert worker_pid() is None, "the reinstall started a worker that was stopped"
+            run([INIT_SCRIPT, "start"])
+            assert worker.discover()["release"] == next_version
 
             # 3. remove: the worker stops, its sudo rules go; HAProxy goes on serving.
             rules = installed_sudo_rules()
