@@ -529,6 +529,17 @@ def test_log_state_and_run_directories_belong_to_haproxy(installed):
 
 
 @needs_package
+def test_check_on_a_fresh_install_finds_the_package_directories(installed, gearmand):
+    """`libra_worker --check` with the packaged config: /run/libra, /var/log/libra, /var/lib/libra are there."""
+    result = run(["/usr/bin/libra_worker", "--check", "--config", CONFIG, "--server", gearmand.address],
+                 cwd="/", env=outside_the_repo_env(), check=False)
+    lines = result.stdout.splitlines()
+    for check in ("pid file", "log file", "statsfile directory", f"job server {gearmand.address}"):
+        assert [line for line in lines if line.startswith(f"PASS  {check}")], (check, result.stdout)
+    assert not [line for line in lines if line.startswith("FAIL") and "/libra" in line], result.stdout
+
+
+@needs_package
 def test_systemd_unit(installed):
     unit = configparser.ConfigParser(interpolation=None, strict=False)
     unit.optionxform = str
