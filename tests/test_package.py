@@ -13,7 +13,6 @@ every .deb test is skipped, and a warning says so at collection.
 """
 import configparser
 import hashlib
-import importlib.metadata
 import os
 import pwd
 import re
@@ -23,6 +22,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tomllib
 import tempfile
 import threading
 import time
@@ -67,7 +67,6 @@ LOGROTATE = "/etc/logrotate.d/libra-worker"
 RSYSLOG = "/etc/rsyslog.d/48-libra-haproxy.conf"
 TMPFILES = "/usr/lib/tmpfiles.d/libra-worker.conf"
 DEFAULTS = "/etc/default/libra-worker"
-VENDOR = "/usr/share/libra-worker/vendor"
 PIDFILE = "/run/libra/libra_worker.pid"
 LOG_DIR = Path("/var/log/libra")
 PACKAGED_LOG = LOG_DIR / "libra_worker.log"
@@ -81,7 +80,6 @@ DEBIAN_NAMES = {
     "lockfile": "python3-lockfile",
     "jinja2": "python3-jinja2",
     "python-swiftclient": "python3-swiftclient",
-    "gear": None,  # not in Debian: bundled in VENDOR
 }
 
 UPGRADE_LOAD_RATE = 50          # requests per second through HAProxy during the upgrade
@@ -115,7 +113,7 @@ def apt_env():
 def copy_tree(destination):
     """The working tree (what .ci/build-deb builds), without VCS, venv and build output."""
     ignore = shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__", ".pytest_cache",
-                                    ".hypothesis", "build", "dist", ".pybuild", "vendor-wheels")
+                                    ".hypothesis", "build", "dist", ".pybuild")
     shutil.copytree(PROJECT, destination, ignore=ignore)
     return destination
 
@@ -242,8 +240,6 @@ def test_deb_lists_the_files_a_device_needs(deb_listing):
         "/var/log/libra": "drwxr-xr-x",
         "/var/lib/libra": "drwxr-xr-x",
         "/usr/share/doc/libra-worker/copyright": "-rw-r--r--",
-        f"{VENDOR}/gear/__init__.py": None,
-        f"{VENDOR}/gear-0.16.0.dist-info/LICENSE": None,
     }
     for command, page in COMMANDS.items():
         expected[f"/usr/share/man/{page}"] = "-rw-r--r--"
@@ -288,26 +284,24 @@ def test_deb_conffiles_and_depends(deb, tmp_path):
     assert conffiles == {LOGROTATE, INIT_SCRIPT, RSYSLOG}, conffiles
     depends = run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
     names = {re.split(r"[\s(]", item.strip())[0] for item in depends.split(",")}
-    for needed in ("haproxy", "socat", "python3-jinja2", "python3-daemon", "python3-lockfile",
-                   "python3-six", "ucf"):
+    for needed in ("haproxy", "socat", "python3-jinja2", "python3-daemon", "python3-lockfile", "ucf"):
         assert needed in names, f"Depends lacks {needed}: {depends}"
 
 
 @needs_package
-def test_every_install_requirement_is_a_dependency_or_bundled(deb, deb_listing):
+def test_every_dependency_is_a_debian_package_and_nothing_is_bundled(deb, deb_listing):
     depends = run(["dpkg-deb", "-f", str(deb), "Depends"]).stdout
-    for requirement in importlib.metadata.requires("libra_worker"):
-        if "extra ==" in requirement:
-            continue
+    with open(PROJECT / "pyproject.toml", "rb") as file:
+        requirements = tomllib.load(file)["project"]["dependencies"]
+    for requirement in requirements:
         name = re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0].lower()
         assert name in DEBIAN_NAMES, (
             f"pyproject.toml requires {name!r}: add its Debian package to debian/control's Depends "
-            f"(or bundle it) and to DEBIAN_NAMES here")
-        debian_name = DEBIAN_NAMES[name]
-        if debian_name is None:
-            assert f"{VENDOR}/{name}/__init__.py" in deb_listing, f"{name} is not bundled"
-        else:
-            assert debian_name in depends, f"{name} → {debian_name} missing from Depends"
+            f"and to DEBIAN_NAMES here")
+        assert DEBIAN_NAMES[name] in depends, f"{name} → {DEBIAN_NAMES[name]} missing from Depends"
+    python_files = [path for path in deb_listing if path.endswith(".py")]
+    assert python_files and all(path.startswith("/usr/lib/python3/dist-packages/libra_worker/")
+                                for path in python_files), python_files
 
 
 @needs_package
@@ -348,12 +342,6 @@ def prepend_changelog(tree, version, text):
     changelog.write_text(entry + changelog.read_text())
 
 
-def fetch_vendor(tree):
-    """The one networked step before the offline build (the bundled gear wheel)."""
-    if (tree / "debian" / "fetch-vendor").exists():
-        run([str(tree / "debian" / "fetch-vendor")], env=outside_the_repo_env())
-
-
 def build_offline(tree):
     """dpkg-buildpackage -us -uc -b in `tree` with no network at all → the .deb's path."""
     if run(["unshare", "--net", "true"], check=False).returncode != 0:
@@ -376,7 +364,6 @@ def test_git_archive_of_head_builds_offline_whatever_the_debian_revision(tmp_pat
     if revision:
         version = version.rsplit("-", 1)[0] + revision
         prepend_changelog(tree, version, "A rebuild with a Debian revision.")
-    fetch_vendor(tree)
     deb = build_offline(tree)
     assert run(["dpkg-deb", "-f", str(deb), "Version"]).stdout.strip() == version
     listing = run(["dpkg-deb", "-c", str(deb)]).stdout
@@ -755,7 +742,6 @@ def build_next_version(tmp_path):
     prepend_changelog(tree, f"{next_version}-1", "The next release (tests/test_package.py).")
     defaults = tree / "debian" / "libra.cfg"
     defaults.write_text(defaults.read_text() + "\n# A default the next release changed.\n")
-    fetch_vendor(tree)
     return build_offline(tree), next_version
 
 
