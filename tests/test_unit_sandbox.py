@@ -109,22 +109,50 @@ def _yes(service, key):
     return service.get(key, "no").lower() in ("yes", "true", "1", "strict")
 
 
-def sandbox_argv(service, writable):
+def _hidden_by(service, path):
+    """The directory PrivateTmp= or ProtectHome= hides `path` under, or None."""
+    hidden = []
+    if _yes(service, "PrivateTmp"):
+        hidden += ["/tmp", "/var/tmp"]
+    if _yes(service, "ProtectHome"):
+        hidden += ["/root", "/home"]
+    real = os.path.realpath(path)
+    return next((top for top in hidden if real == top or real.startswith(top + "/")), None)
+
+
+def sandbox_argv(service, writable, code=PROJECT, holder=None):
     """The unit's file-system sandbox as a private mount namespace (`unshare --mount`).
 
     ProtectSystem=strict: the root file system read-only, `writable` (the
     ReadWritePaths of this device) bound read-write; PrivateTmp=: empty /tmp
     and /var/tmp; ProtectHome=: empty, read-only /root and /home.  The rest
     of the sandbox (seccomp, PrivateDevices, ProtectKernel*) needs systemd.
+
+    `code`, the checkout whose worker runs (a packaged one lives in /usr),
+    stays visible read-only even when it lies under a hidden directory (a CI
+    clone in /tmp): it is parked on `holder` (an empty directory elsewhere)
+    before the hiding mounts and moved back into place after them.
     """
+    code = os.path.realpath(code)
+    keep = _hidden_by(service, code) is not None
+    if keep and holder is None:
+        raise ValueError(f"{code} is hidden by the sandbox: give a holder directory")
     steps = ["set -e"]
     if service.get("ProtectSystem") == "strict":
         steps += [f'mount --bind "{path}" "{path}"' for path in writable]
+    if keep:
+        steps.append(f'mount --bind "{code}" "{holder}"')
+    if service.get("ProtectSystem") == "strict":
         steps.append("mount -o remount,bind,ro /")
     if _yes(service, "PrivateTmp"):
         steps += ["mount -t tmpfs -o mode=1777 tmpfs /tmp", "mount -t tmpfs -o mode=1777 tmpfs /var/tmp"]
     if _yes(service, "ProtectHome"):
-        steps += ["mount -t tmpfs -o ro,mode=0755 tmpfs /root", "mount -t tmpfs -o ro,mode=0755 tmpfs /home"]
+        steps += ["mount -t tmpfs -o mode=0755 tmpfs /root", "mount -t tmpfs -o mode=0755 tmpfs /home"]
+    if keep:
+        steps += [f'mkdir -p "{code}"', f'mount --move "{holder}" "{code}"',
+                  f'mount -o remount,bind,ro "{code}"']
+    if _yes(service, "ProtectHome"):
+        steps += ["mount -o remount,ro /root", "mount -o remount,ro /home"]
     steps.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", "; ".join(steps), "sandbox"]
 
@@ -189,6 +217,7 @@ def device_dir():
         os.chown(root / sub, user.pw_uid, user.pw_gid)
     yield root
     shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(root.parent / f"{root.name}.code", ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +233,9 @@ def swift(tmp_path_factory):
 def _start(device_dir, gearmand, name, log_target):
     (device_dir / "haproxy").mkdir(exist_ok=True)
     service = read_unit()
-    prefix = [*sandbox_argv(service, [device_dir]), *setpriv_argv(service)]
+    holder = device_dir.parent / f"{device_dir.name}.code"  # beside the device dir, removed with it
+    holder.mkdir(exist_ok=True)
+    prefix = [*sandbox_argv(service, [device_dir], holder=holder), *setpriv_argv(service)]
     process = UnitWorker(device_dir, [gearmand], name=name, prefix=prefix,
                          extra_ini={"worker:haproxy": {"log_target": log_target, "sudo": "false",
                                                        "job_timeout": "30"}})

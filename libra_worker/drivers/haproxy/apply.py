@@ -130,11 +130,12 @@ class Executor:
         try:
             candidate = self.configs.stage(text)
             try:
-                self.configs.prepare(candidate)
-                self.configs.commit()
-            except JobError:
-                self.configs.unstage()
-                raise
+                self.configs.prepare(candidate)  # refuses an odd file at .BKUP/.NEW, leaving it be
+                try:
+                    self.configs.commit()
+                except JobError:
+                    self.configs.unstage()
+                    raise
             finally:
                 self.configs.discard(candidate)
         except JobError as error:
