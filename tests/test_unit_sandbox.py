@@ -141,7 +141,7 @@ def sandbox_argv(service, writable, code=PROJECT, holder=None):
     if service.get("ProtectSystem") == "strict":
         steps += [f'mount --bind "{path}" "{path}"' for path in writable]
     if keep:
-        steps.append(f'mount --bind "{code}" "{holder}"')
+        steps.append(f'mount -n --bind "{code}" "{holder}"')
     if service.get("ProtectSystem") == "strict":
         steps.append("mount -o remount,bind,ro /")
     if _yes(service, "PrivateTmp"):
@@ -149,10 +149,10 @@ def sandbox_argv(service, writable, code=PROJECT, holder=None):
     if _yes(service, "ProtectHome"):
         steps += ["mount -t tmpfs -o mode=0755 tmpfs /root", "mount -t tmpfs -o mode=0755 tmpfs /home"]
     if keep:
-        steps += [f'mkdir -p "{code}"', f'mount --move "{holder}" "{code}"',
-                  f'mount -o remount,bind,ro "{code}"']
+        steps += [f'mkdir -p "{code}"', f'mount -n --move "{holder}" "{code}"',
+                  f'mount -n -o remount,bind,ro "{code}"']
     if _yes(service, "ProtectHome"):
-        steps += ["mount -o remount,ro /root", "mount -o remount,ro /home"]
+        steps += ["mount -n -o remount,ro /root", "mount -n -o remount,ro /home"]
     steps.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", "; ".join(steps), "sandbox"]
 
