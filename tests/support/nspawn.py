@@ -10,6 +10,7 @@ This machine's PID 1 is not systemd and there is no system bus, so nspawn runs
 with --register=no --keep-unit (no machined, no scope to allocate).
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 
 TREE = Path(os.environ.get("LIBRA_SYSTEMD_TREE", "/var/cache/libra-systemd/bookworm"))
-MIRROR = "http://deb.debian.org/debian"
 # What the worker's package depends on, and what the tests use inside.
 PACKAGES = ["systemd", "systemd-sysv", "dbus", "haproxy", "gearman-job-server", "python3", "python3-daemon",
             "python3-jinja2", "python3-lockfile", "python3-swiftclient", "socat", "sudo", "ucf", "logrotate",
@@ -34,6 +34,25 @@ class CannotBoot(Exception):
 MASKED = ["haproxy.service", "gearman-job-server.service"]
 
 
+_ONE_LINE_DEB = re.compile(r"deb\s+(?:\[[^\]]*\]\s+)?(\S+)")
+
+
+def archive_uri():
+    """The machine's own Debian archive (its apt sources' first non-security URI): debootstrap's mirror."""
+    uris = []
+    for path in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        uris += [word for line in path.read_text().splitlines() if line.startswith("URIs:")
+                 for word in line.split()[1:]]
+    for path in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]:
+        if path.exists():
+            uris += [match.group(1) for match in map(_ONE_LINE_DEB.match, path.read_text().splitlines())
+                     if match]
+    for uri in uris:
+        if "-security" not in uri:
+            return uri
+    raise CannotBoot("no Debian archive URI in the machine's apt sources: debootstrap has no mirror")
+
+
 def ensure_tree():
     """The cached tree, made by debootstrap on first use."""
     if (TREE / "lib/systemd/systemd").exists():
@@ -47,7 +66,7 @@ def ensure_tree():
     shutil.rmtree(partial, ignore_errors=True)
     partial.parent.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(["debootstrap", "--variant=minbase", "--include=" + ",".join(PACKAGES), "bookworm",
-                             str(partial), MIRROR], capture_output=True, text=True, timeout=1200)
+                             str(partial), archive_uri()], capture_output=True, text=True, timeout=1200)
     if result.returncode != 0:
         raise CannotBoot(f"debootstrap failed ({result.returncode}): {result.stderr[-2000:]}")
     partial.rename(TREE)
