@@ -1,6 +1,6 @@
 """The ledger's accounting of old HAProxy processes still draining after a reload."""
-from libra_worker.drivers.haproxy.counters import Ledger
-from libra_worker.drivers.haproxy.query import Snapshot, StatRow
+from libra_worker.drivers.haproxy.ledger import Ledger
+from libra_worker.drivers.haproxy.stats_socket import Snapshot, StatRow
 
 
 def reading(pid, http_bytes, started=1000):

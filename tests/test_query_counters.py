@@ -1,4 +1,4 @@
-"""query.parse and the Ledger, without a worker.
+"""stats_socket.parse and the Ledger, without a worker.
 
 parse() reads real `show info;show stat` text captured from a live HAProxy
 started here (then rearranged: columns reordered, unknown columns added, cut
@@ -16,10 +16,9 @@ import subprocess
 
 import pytest
 
-from libra_worker.drivers.haproxy import counters, query
 from libra_worker.drivers.haproxy.commands import Commands
-from libra_worker.drivers.haproxy.counters import Ledger, billing_rows
-from libra_worker.drivers.haproxy.query import Snapshot, StatRow, StatsSocket, node_status, parse
+from libra_worker.drivers.haproxy.ledger import Ledger, billing_rows, valid_state
+from libra_worker.drivers.haproxy.stats_socket import QUERY, Snapshot, StatRow, StatsSocket, node_status, parse
 from libra_worker.errors import CommandFailed, ServiceError
 from support.backends import HttpBackend
 from support.metrics_helpers import FakeStatsSocket
@@ -57,7 +56,7 @@ backend tcp_servers
 
 def _socat(sock):
     """The worker's query, the worker's way: socat stdio, QUERY on stdin."""
-    return subprocess.run([SOCAT, "stdio", f"unix-connect:{sock}"], input=query.QUERY,
+    return subprocess.run([SOCAT, "stdio", f"unix-connect:{sock}"], input=QUERY,
                           capture_output=True, text=True, timeout=10, check=True).stdout
 
 
@@ -107,7 +106,7 @@ def _summary(snapshot):
             snapshot.frontend_bytes_out())
 
 
-# -- query.parse on live text ---------------------------------------------------------
+# -- parse on live text ---------------------------------------------------------
 
 
 def test_parse_reads_a_live_haproxy(live):
@@ -214,7 +213,7 @@ def test_stats_socket_waits_for_a_slow_answer(live, tmp_path):
     path = tmp_path / "slow.sock"
     with FakeStatsSocket(path, text.encode(), delay=1.0) as fake:
         snapshot = StatsSocket(SOCAT, str(path), Commands(sudo=False)).snapshot()
-    assert fake.received == [query.QUERY.encode()]
+    assert fake.received == [QUERY.encode()]
     assert _summary(snapshot) == _summary(parse(text))
 
 
@@ -344,7 +343,7 @@ def test_save_is_atomic_private_and_leaves_no_temp_file(statsfile):
     directory = os.path.dirname(statsfile)
     assert os.listdir(directory) == ["haproxy.stats"]
     assert stat.S_IMODE(os.stat(statsfile).st_mode) == 0o600
-    assert counters.valid_state(json.load(open(statsfile)))
+    assert valid_state(json.load(open(statsfile)))
     assert Ledger(statsfile).state["baseline"] == {"HTTP": 290}
 
 

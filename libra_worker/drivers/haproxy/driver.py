@@ -14,8 +14,8 @@ from libra_worker.drivers.haproxy.apply import Executor
 from libra_worker.drivers.haproxy.drain import DrainFollower
 from libra_worker.drivers.haproxy.commands import SERVICE, Commands
 from libra_worker.drivers.haproxy.config_files import ConfigStore
-from libra_worker.drivers.haproxy.counters import Ledger
-from libra_worker.drivers.haproxy.query import SERVERS_QUERY, StatsSocket
+from libra_worker.drivers.haproxy.ledger import Ledger
+from libra_worker.drivers.haproxy.stats_socket import SERVERS_QUERY, StatsSocket
 from libra_worker.drivers.haproxy.service import make_service
 from libra_worker.errors import CommandFailed, Deleted, JobError, ServiceError
 
