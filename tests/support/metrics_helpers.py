@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 from .traffic import haproxy_processes, http_get, kill_haproxy, stop_haproxy, tcp_exchange, unix_command
-from .worker import WorkerProcess
+from .worker import WorkerProcess, sudo_ini
 
-SUDO_INI = {"worker:haproxy": {"sudo": "true"}}
 UTC_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 HEADER_SLACK = 1024          # bytes of response headers allowed per HTTP request
 
@@ -37,7 +36,7 @@ class Station:
         self._prepare()
 
     def _prepare(self):
-        self.worker = WorkerProcess(self.dir, [self.gearmand], name=self.name, extra_ini=SUDO_INI)
+        self.worker = WorkerProcess(self.dir, [self.gearmand], name=self.name, extra_ini=sudo_ini())
         self.name = self.worker.name
         self.workers.append(self.worker)
         haproxy = self.worker.sections["worker:haproxy"]

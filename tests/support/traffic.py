@@ -23,7 +23,7 @@ from .backends import HttpBackend
 from .client import GearClient
 from .gearmand import Gearmand
 from .ports import LOOPBACK
-from .worker import WorkerProcess
+from .worker import WorkerProcess, sudo_ini
 
 REQUEST_TIMEOUT = 5.0
 
@@ -357,7 +357,7 @@ class Device:
         self.worker = None
         self.client = None
         self.name = name
-        self.extra_ini = {"worker:haproxy": {"sudo": "true"}}
+        self.extra_ini = sudo_ini()
 
     # paths the worker config names (support.worker.write_config)
     @property
