@@ -95,6 +95,29 @@ def device(tmp_path):
 
 
 @pytest.fixture
+def backends():
+    """Factory: backends(kind, *names) → started back-ends of `kind`, stopped at teardown."""
+    started = []
+
+    def start(kind, *names):
+        made = [kind(name).start() for name in names]
+        started.extend(made)
+        return made
+
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_device(tmp_path_factory):
+    """One Device for a whole module whose tests each bring their own back-ends and ports."""
+    from support.traffic import Device
+    with Device(tmp_path_factory.mktemp("device")) as dev:
+        yield dev
+
+
+@pytest.fixture
 def station(tmp_path, gearmand, gear_client):
     """A metrics_helpers.Station: a worker (sudo = true) whose statsfile and HAProxy outlive it."""
     from support.metrics_helpers import Station
