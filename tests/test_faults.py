@@ -22,7 +22,8 @@ from support.faults import (Killer, MountRefused, PortHolder, SlowHaproxy, Templ
 from support.gearmand import Gearmand
 from support.ports import free_port
 from support.worker import sudo_ini
-from support.traffic import (Device, backend_counts, haproxy_processes, http_get, kill_haproxy, lb, node,
+from support.device import Device
+from support.traffic import (backend_counts, haproxy_processes, http_get, kill_haproxy, lb, node,
                              refuses, socat_sessions, stop_haproxy, tcp_exchange, update, wait_until)
 
 from libra_worker import settings as settings_module
