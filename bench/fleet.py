@@ -227,8 +227,7 @@ def crash(fleet):
     still_lost = [key for key, seconds in retried.items() if seconds is None]
     exited = [worker.name for worker in fleet.workers if not worker.running()]
     restarted = time.monotonic()
-    victim.pidfile.unlink(missing_ok=True)
-    procs.wait_for(lambda: not procs.port_open(victim.port), 10, "the killed gearmand's port closing")
+    victim.kill()       # already dead: forgets its pid and waits for its port to close
     victim.start()
     back = None
     while time.monotonic() - restarted < RECONNECT_SLEEP + 30:

@@ -1,6 +1,7 @@
 """The processes a bench run starts, each in the run's temp dir, on 127.0.0.1.
 
-- Gearmand: a real gearmand on a free port (tracked by its pid file);
+- Gearmand: the tests' own (tests/support/gearmand.py), a real gearmand on a
+  free port tracked by its pid file;
 - LibraWorker: `libra_worker --nodaemon` configured like scripts/demo
   (service = process, sudo = false, every HAProxy path in the temp dir);
 - EchoWorker: bench/echo.py, the floor for a Gearman round trip;
@@ -12,16 +13,17 @@ unique config path of this run, never by name alone.
 import configparser
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-LOOPBACK = "127.0.0.1"
+from tests.support.gearmand import GEARMAND, Gearmand  # the bench's job servers, as the tests start them
+from tests.support.ports import LOOPBACK, free_port, port_open
+from tests.support.traffic import haproxy_processes
+
 PROJECT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-GEARMAND = "/usr/sbin/gearmand"
 HAPROXY = os.environ.get("LIBRA_TEST_HAPROXY", "/usr/sbin/haproxy")
 SOCAT = "/usr/bin/socat"
 
@@ -31,20 +33,6 @@ def libra_worker_command():
     if candidate.exists():
         return [str(candidate)]
     return [PYTHON, "-m", "libra_worker.main"]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port, host=LOOPBACK):
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def wait_for(predicate, timeout, what):
@@ -61,13 +49,6 @@ def alive(pid):
     except OSError:
         return False
     return state not in ("Z", "X")
-
-
-def cmdline(pid):
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return []
 
 
 def rss_mb(pid):
@@ -112,35 +93,6 @@ def signal_and_wait(pid, timeout=5.0):
             time.sleep(0.02)
         if not alive(pid):
             return
-
-
-class Gearmand:
-    def __init__(self, workdir):
-        self.dir = Path(workdir)
-        self.port = free_port()
-        self.pidfile = self.dir / "gearmand.pid"
-        self.logfile = self.dir / "gearmand.log"
-        self.pid = None
-
-    @property
-    def address(self):
-        return f"{LOOPBACK}:{self.port}"
-
-    def start(self):
-        subprocess.run([GEARMAND, "-L", LOOPBACK, "-p", str(self.port), "-d", "-t", "1",
-                        "--pid-file", str(self.pidfile), "-l", str(self.logfile),
-                        "--verbose", "WARNING"],
-                       check=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
-        wait_for(lambda: self.pidfile.exists() and self.pidfile.read_text().strip(), 10,
-                 "gearmand writing its pid file")
-        self.pid = int(self.pidfile.read_text().strip())
-        wait_for(lambda: port_open(self.port), 10, f"gearmand listening on {self.address}")
-        return self
-
-    def stop(self):
-        if self.pid and str(self.pidfile).encode() in cmdline(self.pid):
-            signal_and_wait(self.pid)
-        self.pid = None
 
 
 class _Child:
@@ -208,7 +160,7 @@ class HttpBackend(_Child):
 
     def start(self):
         self._spawn([PYTHON, "-m", "bench.backend", str(self.port), self.name])
-        wait_for(lambda: port_open(self.port), 10, f"back-end {self.name} listening")
+        wait_for(lambda: port_open(LOOPBACK, self.port), 10, f"back-end {self.name} listening")
         return self
 
 
@@ -259,19 +211,8 @@ class LibraWorker(_Child):
             env["PYTHONPATH"] = os.path.abspath(source) + os.pathsep + str(PROJECT)
         return self._spawn(libra_worker_command() + ["--nodaemon", "--config", str(self.config_path)], env)
 
-    def haproxy_pids(self):
-        """Every live haproxy process whose command line names this run's config."""
-        wanted = os.fsencode(str(self.config))
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                argv = cmdline(int(entry))
-                if argv and os.path.basename(argv[0]).startswith(b"haproxy") and wanted in argv:
-                    pids.append(int(entry))
-        return pids
-
     def stop(self, timeout=10.0):
         super().stop(timeout)
         # The worker leaves HAProxy serving when it exits: stop what it started.
-        for pid in self.haproxy_pids():
+        for pid in haproxy_processes(self.config):
             signal_and_wait(pid, 3.0)

@@ -8,7 +8,7 @@ from libra_worker import __version__, logs, settings as settings_module
 from libra_worker.controller import Controller
 from libra_worker.drivers import load_driver
 from libra_worker.errors import ConfigError
-from libra_worker.worker import JobLoop, StopFlag
+from libra_worker.job_loop import JobLoop, StopFlag
 
 LOG = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 
 from libra_worker import diagnostics, safe_files
-from libra_worker.drivers.haproxy import counters
+from libra_worker.drivers.haproxy import statsfile
 from libra_worker.drivers.haproxy.commands import SUDO
 from libra_worker.drivers.haproxy.driver import privileged_argvs
 
@@ -163,7 +163,7 @@ def _statsfile(path):
         return Check("statsfile", False, f"{path} is not readable and writable",
                      "chown it to the worker's user, mode 0600")
     try:
-        ledger_ok = counters.valid_state(json.loads(safe_files.read_bytes(path) or b"null"))
+        ledger_ok = statsfile.valid_state(json.loads(safe_files.read_bytes(path) or b"null"))
     except (OSError, ValueError):
         ledger_ok = False
     return Check("statsfile", ledger_ok, f"{path} {'readable' if ledger_ok else 'is corrupt'}",

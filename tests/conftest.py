@@ -89,16 +89,39 @@ def tcp_backend():
 @pytest.fixture
 def device(tmp_path):
     """A gearmand + libra_worker (sudo = true) + client in tmp_path; HAProxy stopped after."""
-    from support.traffic import Device
+    from support.device import Device
     with Device(tmp_path) as dev:
         yield dev
 
 
 @pytest.fixture
+def backends():
+    """Factory: backends(kind, *names) → started back-ends of `kind`, stopped at teardown."""
+    started = []
+
+    def start(kind, *names):
+        made = [kind(name).start() for name in names]
+        started.extend(made)
+        return made
+
+    yield start
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_device(tmp_path_factory):
+    """One Device for a whole module whose tests each bring their own back-ends and ports."""
+    from support.device import Device
+    with Device(tmp_path_factory.mktemp("device")) as dev:
+        yield dev
+
+
+@pytest.fixture
 def station(tmp_path, gearmand, gear_client):
-    """A metrics_helpers.Station: a worker (sudo = true) whose statsfile and HAProxy outlive it."""
-    from support.metrics_helpers import Station
-    device = Station(tmp_path / "device", gearmand, gear_client)
+    """A Device on the shared gearmand, laid out, not started: its statsfile and HAProxy outlive a worker."""
+    from support.device import Device
+    device = Device(tmp_path / "device", gearmand=gearmand, client=gear_client)
     try:
         yield device
     finally:

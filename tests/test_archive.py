@@ -20,7 +20,8 @@ import pytest
 
 from support import swift as swift_support
 from support.ports import free_port
-from support.traffic import Device, http_get, lb, node, serves, tcp_exchange, update, wait_until
+from support.device import Device
+from support.traffic import http_get, lb, node, serves, tcp_exchange, update, wait_until
 from support.worker import unique_name
 
 from libra_worker.drivers.haproxy import archive, logsink

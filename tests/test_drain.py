@@ -1,6 +1,7 @@
 """The ledger's accounting of old HAProxy processes still draining after a reload."""
-from libra_worker.drivers.haproxy.counters import Ledger
-from libra_worker.drivers.haproxy.query import Snapshot, StatRow
+from libra_worker.drivers.haproxy.ledger import Ledger
+from libra_worker.drivers.haproxy.statsfile import Statsfile
+from libra_worker.drivers.haproxy.stats_socket import Snapshot, StatRow
 
 
 def reading(pid, http_bytes, started=1000):
@@ -13,7 +14,7 @@ def http_total(report):
 
 
 def test_bytes_an_old_process_sends_after_the_reload_are_carried_once(tmp_path):
-    ledger = Ledger(str(tmp_path / "stats"))
+    ledger = Ledger(Statsfile(str(tmp_path / "stats")))
     ledger.report(reading(10, 0))
     ledger.carry(reading(10, 500))                 # just before the reload
     assert set(ledger.draining()) == {"10@1000"}
@@ -33,32 +34,32 @@ def test_bytes_an_old_process_sends_after_the_reload_are_carried_once(tmp_path):
 
 def test_the_last_reading_of_an_old_process_is_carried_and_ends_its_draining(tmp_path):
     path = str(tmp_path / "stats")
-    ledger = Ledger(path)
+    ledger = Ledger(Statsfile(path))
     ledger.report(reading(10, 0))
     ledger.carry(reading(10, 500))
     ledger.drain(reading(10, 700), last=True)
     assert ledger.draining() == {}
-    assert Ledger(path).draining() == {}               # written down, too
+    assert Ledger(Statsfile(path)).draining() == {}               # written down, too
     ledger.drain(reading(10, 900))                     # no longer followed
     assert http_total(ledger.report(reading(11, 0))) == 700
 
     ledger.carry(reading(11, 50))
     ledger.drain(reading(11, 50), last=True)           # nothing new, still the end of it
-    assert Ledger(path).draining() == {}
+    assert Ledger(Statsfile(path)).draining() == {}
 
 
 def test_draining_survives_a_worker_restart(tmp_path):
     path = str(tmp_path / "stats")
-    ledger = Ledger(path)
+    ledger = Ledger(Statsfile(path))
     ledger.report(reading(10, 0))
     ledger.carry(reading(10, 500))
-    restarted = Ledger(path)
+    restarted = Ledger(Statsfile(path))
     restarted.drain(reading(10, 650))
     assert http_total(restarted.report(reading(11, 0))) == 650
 
 
 def test_a_reading_of_another_process_is_not_drained(tmp_path):
-    ledger = Ledger(str(tmp_path / "stats"))
+    ledger = Ledger(Statsfile(str(tmp_path / "stats")))
     ledger.report(reading(10, 0))
     ledger.carry(reading(10, 500))
     ledger.drain(reading(10, 9999, started=2000))  # pid reused by a new process

@@ -15,7 +15,8 @@ import pytest
 
 from support.backends import HttpBackend
 from support.ports import LOOPBACK, free_port
-from support.traffic import Device, backend_counts, http_get, lb, update
+from support.device import Device
+from support.traffic import backend_counts, http_get, lb, update
 
 BACKEND_NAMES = ("inv-a", "inv-b")
 

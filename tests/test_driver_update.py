@@ -7,33 +7,11 @@ its own back-ends and load balancer ports.
 import collections
 import re
 
-import pytest
-
 from support.backends import HttpBackend, TcpEchoBackend
 from support.ports import free_port
-from support.traffic import (FAST_CONNECT_MONITOR, FAST_HTTP_MONITOR, Device, RecordingHttpBackend,
+from support.traffic import (FAST_CONNECT_MONITOR, FAST_HTTP_MONITOR, RecordingHttpBackend,
                              SlowRequest, backend_counts, http_get, keepalive_counts, lb, node, refuses, serves,
                              tcp_banner, tcp_exchange, update, wait_until)
-
-@pytest.fixture(scope="module")
-def device(tmp_path_factory):
-    with Device(tmp_path_factory.mktemp("upd")) as dev:
-        yield dev
-
-
-@pytest.fixture
-def backends():
-    """Factory: backends(kind, *names) → started back-ends, stopped at teardown."""
-    started = []
-
-    def start(kind, *names):
-        made = [kind(name).start() for name in names]
-        started.extend(made)
-        return made
-
-    yield start
-    for backend in started:
-        backend.stop()
 
 
 def _conditions(reply):
@@ -44,35 +22,35 @@ def _conditions(reply):
 # HTTP
 # --------------------------------------------------------------------------
 
-def test_round_robin_reaches_every_node_and_every_node_is_enabled(device, backends):
+def test_round_robin_reaches_every_node_and_every_node_is_enabled(shared_device, backends):
     web = backends(HttpBackend, "rr-a", "rr-b", "rr-c")
     port = free_port()
-    reply = device.must_pass(update(lb("HTTP", port, [node(f"n{i}", b) for i, b in enumerate(web)])))
+    reply = shared_device.must_pass(update(lb("HTTP", port, [node(f"n{i}", b) for i, b in enumerate(web)])))
 
     assert _conditions(reply) == ["ENABLED"] * 3
     counts = backend_counts(port, 30)
     assert counts == {"rr-a": 10, "rr-b": 10, "rr-c": 10}, counts
 
 
-def test_numbers_as_strings_and_integer_ids_are_accepted_and_echoed(device, backends):
+def test_numbers_as_strings_and_integer_ids_are_accepted_and_echoed(shared_device, backends):
     (web,) = backends(HttpBackend, "str-a")
     port = free_port()
     message = update({"protocol": "http", "port": str(port), "algorithm": "round_robin",
                       "nodes": [{"id": 4242, "address": web.host, "port": str(web.port),
                                  "weight": "2", "backup": "false"}]})
-    reply = device.must_pass(message)
+    reply = shared_device.must_pass(message)
 
     echoed = reply["loadBalancers"][0]["nodes"][0]
     assert echoed["id"] == 4242 and echoed["port"] == str(web.port)
     assert echoed["condition"] == "ENABLED"
     assert http_get(port).backend == "str-a"
-    assert re.search(r"^\s*server 4242 ", device.config_bytes().decode(), re.M)
+    assert re.search(r"^\s*server 4242 ", shared_device.config_bytes().decode(), re.M)
 
 
-def test_weights_one_to_three_split_the_requests(device, backends):
+def test_weights_one_to_three_split_the_requests(shared_device, backends):
     light, heavy = backends(HttpBackend, "w-light", "w-heavy")
     port = free_port()
-    device.must_pass(update(lb("HTTP", port, [node("light", light, weight=1),
+    shared_device.must_pass(update(lb("HTTP", port, [node("light", light, weight=1),
                                               node("heavy", heavy, weight=3)])))
 
     counts = backend_counts(port, 200)
@@ -82,10 +60,10 @@ def test_weights_one_to_three_split_the_requests(device, backends):
     assert 135 <= counts["w-heavy"] <= 165, counts
 
 
-def test_least_connections_avoids_the_busy_node(device, backends):
+def test_least_connections_avoids_the_busy_node(shared_device, backends):
     first, second = backends(HttpBackend, "lc-c", "lc-d")
     port = free_port()
-    device.must_pass(update(lb("HTTP", port, [node("c", first), node("d", second)],
+    shared_device.must_pass(update(lb("HTTP", port, [node("c", first), node("d", second)],
                                algorithm="LEAST_CONNECTIONS")))
 
     held = SlowRequest(port, size=20, seconds=3)
@@ -101,10 +79,10 @@ def test_least_connections_avoids_the_busy_node(device, backends):
     assert len(body) == 20
 
 
-def test_backup_node_serves_only_while_the_primary_is_down(device, backends):
+def test_backup_node_serves_only_while_the_primary_is_down(shared_device, backends):
     primary, spare = backends(HttpBackend, "bk-primary", "bk-spare")
     port = free_port()
-    device.must_pass(update(lb("HTTP", port, [node("primary", primary), node("spare", spare, backup=True)],
+    shared_device.must_pass(update(lb("HTTP", port, [node("primary", primary), node("spare", spare, backup=True)],
                                monitor=FAST_HTTP_MONITOR)))
 
     assert backend_counts(port, 10) == {"bk-primary": 10}
@@ -118,11 +96,11 @@ def test_backup_node_serves_only_while_the_primary_is_down(device, backends):
     assert backend_counts(port, 10) == {"bk-primary": 10}
 
 
-def test_cookie_persistence_keeps_a_client_on_its_node(device, backends):
+def test_cookie_persistence_keeps_a_client_on_its_node(shared_device, backends):
     web = backends(HttpBackend, "ck-a", "ck-b")
     port = free_port()
     ids = {"ck-a": "node-a", "ck-b": "node-b"}
-    device.must_pass(update(lb("HTTP", port, [node(ids[b.name], b) for b in web])))
+    shared_device.must_pass(update(lb("HTTP", port, [node(ids[b.name], b) for b in web])))
 
     first = http_get(port)
     cookie = first.headers.get("Set-Cookie", "")
@@ -136,10 +114,10 @@ def test_cookie_persistence_keeps_a_client_on_its_node(device, backends):
     assert len(backend_counts(port, 4)) == 2
 
 
-def test_x_forwarded_for_reaches_the_backend(device, backends):
+def test_x_forwarded_for_reaches_the_backend(shared_device, backends):
     (recorder,) = backends(RecordingHttpBackend, "xff")
     port = free_port()
-    device.must_pass(update(lb("HTTP", port, [node("xff", recorder)])))
+    shared_device.must_pass(update(lb("HTTP", port, [node("xff", recorder)])))
 
     assert http_get(port, "/xff-probe").status == 404   # the back-end answered, with its own 404
     (headers,) = recorder.headers_for("/xff-probe")
@@ -147,11 +125,11 @@ def test_x_forwarded_for_reaches_the_backend(device, backends):
     assert forwarded == ["127.0.0.1"], headers
 
 
-def test_http_monitor_path_is_what_haproxy_checks(device, backends):
+def test_http_monitor_path_is_what_haproxy_checks(shared_device, backends):
     (recorder,) = backends(RecordingHttpBackend, "mon")
     port = free_port()
     monitor = dict(FAST_HTTP_MONITOR, path="/health-check")
-    device.must_pass(update(lb("HTTP", port, [node("mon", recorder)], monitor=monitor)))
+    shared_device.must_pass(update(lb("HTTP", port, [node("mon", recorder)], monitor=monitor)))
 
     wait_until(lambda: recorder.headers_for("/health-check"), timeout=5,
                what="a GET /health-check from HAProxy's health check")
@@ -163,10 +141,10 @@ def test_http_monitor_path_is_what_haproxy_checks(device, backends):
 # TCP, HTTP + TCP, GALERA
 # --------------------------------------------------------------------------
 
-def test_tcp_load_balancer_carries_raw_bytes_and_sticks_on_source(device, backends):
+def test_tcp_load_balancer_carries_raw_bytes_and_sticks_on_source(shared_device, backends):
     echoes = backends(TcpEchoBackend, "tcp-a", "tcp-b")
     port = free_port()
-    reply = device.must_pass(update(lb("TCP", port, [node("ta", echoes[0]), node("tb", echoes[1])])))
+    reply = shared_device.must_pass(update(lb("TCP", port, [node("ta", echoes[0]), node("tb", echoes[1])])))
     assert _conditions(reply) == ["ENABLED", "ENABLED"]
 
     payload = bytes(range(256)) * 64 + b"\r\n#}\n\x00end"
@@ -177,18 +155,18 @@ def test_tcp_load_balancer_carries_raw_bytes_and_sticks_on_source(device, backen
     assert {tcp_banner(port) for _ in range(8)} == {banner}
 
 
-def test_http_and_tcp_on_one_device(device, backends):
+def test_http_and_tcp_on_one_device(shared_device, backends):
     web = backends(HttpBackend, "both-web-a", "both-web-b")
     (echo,) = backends(TcpEchoBackend, "both-tcp")
     http_port, tcp_port = free_port(), free_port()
-    reply = device.must_pass(update(
+    reply = shared_device.must_pass(update(
         lb("HTTP", http_port, [node("web-a", web[0]), node("web-b", web[1])]),
         lb("TCP", tcp_port, [node("tcp-1", echo)])))
 
     assert _conditions(reply) == ["ENABLED"] * 3
     assert backend_counts(http_port, 6) == {"both-web-a": 3, "both-web-b": 3}
     assert tcp_exchange(tcp_port, b"hello\n") == ("both-tcp", b"hello\n")
-    text = device.config_bytes().decode()
+    text = shared_device.config_bytes().decode()
     for section in ("frontend http", "frontend tcp", "backend http_servers", "backend tcp_servers"):
         assert re.search(rf"^{section}\s*$", text, re.M), section
     servers = [line.split() for line in text.splitlines() if line.split()[:1] == ["server"]]
@@ -196,23 +174,23 @@ def test_http_and_tcp_on_one_device(device, backends):
     assert all("check" in words for words in servers), "every node gets a health check"
 
 
-def test_update_replaces_the_whole_configuration(device, backends):
+def test_update_replaces_the_whole_configuration(shared_device, backends):
     web = backends(HttpBackend, "repl-web")[0]
     echo = backends(TcpEchoBackend, "repl-tcp")[0]
     http_port, tcp_port = free_port(), free_port()
-    device.must_pass(update(lb("HTTP", http_port, [node("w", web)]), lb("TCP", tcp_port, [node("t", echo)])))
+    shared_device.must_pass(update(lb("HTTP", http_port, [node("w", web)]), lb("TCP", tcp_port, [node("t", echo)])))
     assert tcp_banner(tcp_port) == "repl-tcp"
 
-    device.must_pass(update(lb("HTTP", http_port, [node("w", web)])))
+    shared_device.must_pass(update(lb("HTTP", http_port, [node("w", web)])))
     assert http_get(http_port).backend == "repl-web"
     wait_until(lambda: refuses(tcp_port), timeout=5, what="the TCP listener going away")
-    assert "frontend tcp" not in device.config_bytes().decode()
+    assert "frontend tcp" not in shared_device.config_bytes().decode()
 
 
-def test_galera_sends_everything_to_the_single_active_node(device, backends):
+def test_galera_sends_everything_to_the_single_active_node(shared_device, backends):
     active, spare1, spare2 = backends(TcpEchoBackend, "gal-active", "gal-spare1", "gal-spare2")
     port = free_port()
-    device.must_pass(update(lb("GALERA", port, [node("g1", spare1, backup=True),
+    shared_device.must_pass(update(lb("GALERA", port, [node("g1", spare1, backup=True),
                                                 node("g2", active),
                                                 node("g3", spare2, backup=True)],
                                monitor=FAST_CONNECT_MONITOR)))
@@ -228,15 +206,15 @@ def test_galera_sends_everything_to_the_single_active_node(device, backends):
     assert len(seen) == 1 and seen <= {"gal-spare1", "gal-spare2"}, seen
 
 
-def test_stats_lists_every_node_of_every_load_balancer(device, backends):
+def test_stats_lists_every_node_of_every_load_balancer(shared_device, backends):
     web = backends(HttpBackend, "st-web")[0]
     echo = backends(TcpEchoBackend, "st-tcp")[0]
-    device.must_pass(update(lb("HTTP", free_port(), [node("st-web", web)]),
+    shared_device.must_pass(update(lb("HTTP", free_port(), [node("st-web", web)]),
                             lb("TCP", free_port(), [node("st-tcp", echo), node("st-gone", echo, port=1)],
                                monitor=FAST_CONNECT_MONITOR)))
 
     def statuses():
-        reply = device.must_pass({"hpcs_action": "STATS"})
+        reply = shared_device.must_pass({"hpcs_action": "STATS"})
         return {entry["id"]: entry["status"] for entry in reply["nodes"]}
 
     assert set(statuses()) == {"st-web", "st-tcp", "st-gone"}

@@ -21,7 +21,9 @@ from support.faults import (Killer, MountRefused, PortHolder, SlowHaproxy, Templ
                             WorkerLog, file_identity, haproxy_check, mode_of)
 from support.gearmand import Gearmand
 from support.ports import free_port
-from support.traffic import (Device, backend_counts, haproxy_processes, http_get, kill_haproxy, lb, node,
+from support.worker import sudo_ini
+from support.device import Device
+from support.traffic import (backend_counts, haproxy_processes, http_get, kill_haproxy, lb, node,
                              refuses, socat_sessions, stop_haproxy, tcp_exchange, update, wait_until)
 
 from libra_worker import settings as settings_module
@@ -44,7 +46,7 @@ def web():
 
 def _device(directory, **haproxy_options):
     device = Device(directory)
-    device.extra_ini = {"worker:haproxy": {"sudo": "true", **haproxy_options}}
+    device.extra_ini = sudo_ini(**haproxy_options)
     return device
 
 

@@ -25,11 +25,9 @@ import socket
 import threading
 import time
 
-import pytest
-
 from support.haproxy_version import DYNAMIC_COOKIE
 from support.ports import free_port
-from support.traffic import Device, unix_command
+from support.traffic import unix_command
 
 LOAD_RATE = 250            # new connections per second; the claim is >= MIN_RATE
 MIN_RATE = 200
@@ -290,12 +288,6 @@ def http_update(port, backends, weights, variant=0):
         "monitor": {"type": "HTTP", "delay": 2, "timeout": 1, "attempts": 2, "path": "/"},
         "nodes": [{"id": backend.name, "address": backend.host, "port": backend.port, "weight": weight}
                   for backend, weight in zip(backends, weights)]}]}
-
-
-@pytest.fixture
-def device(tmp_path):
-    with Device(tmp_path) as started:
-        yield started
 
 
 def test_reloads_under_load_drop_nothing(device, http_backend):

@@ -25,6 +25,7 @@ from support.gearmand import Gearmand
 from support.metrics_helpers import download, echo, parse_utc
 from support.ports import free_port
 from support.traffic import backend_counts, refuses, stop_haproxy, tcp_exchange, unix_command, wait_until
+from support.worker import sudo_ini
 
 KB = 1024
 
@@ -137,8 +138,7 @@ def device(worker, gearmand, second_gearmand, tcp_backend):
     outside = tcp_backend("outside")
     dead = f"127.0.0.1:{free_port()}"
     process = worker(servers=[gearmand, second_gearmand, dead],
-                     extra_ini={"worker": {"network_check": outside.address},
-                                "worker:haproxy": {"sudo": "true"}})
+                     extra_ini={"worker": {"network_check": outside.address}, **sudo_ini()})
     process.job_servers = [("127.0.0.1", gearmand.port), ("127.0.0.1", second_gearmand.port),
                            ("127.0.0.1", int(dead.rpartition(":")[2]))]
     yield process

@@ -14,7 +14,7 @@ from support.faults import MountRefused, Tmpfs
 from support.metrics_helpers import HEADER_SLACK, Metrics, assert_http_bytes, download
 from support.ports import free_port
 from support.traffic import http_get, lb, node, stop_haproxy, update
-from support.worker import WorkerProcess, unique_name
+from support.worker import WorkerProcess, sudo_ini, unique_name
 
 KB = 1024
 
@@ -37,8 +37,7 @@ class Device:
         self.dir = tmp_path / "w"
         self.gearmand, self.client = gearmand, client
         self.name = unique_name()
-        self.ini = {"worker:haproxy": {"sudo": "true",
-                                       "statsfile": str(ledger.dir / "haproxy.stats")}}
+        self.ini = sudo_ini(statsfile=str(ledger.dir / "haproxy.stats"))
         self.process = None
 
     def start(self):

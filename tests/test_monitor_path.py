@@ -12,18 +12,12 @@ import pytest
 
 from support.ports import free_port
 from support.recorder import RequestLineRecorder, check_line, raw_get
-from support.traffic import Device, http_get, lb, update, wait_until
+from support.traffic import http_get, lb, update, wait_until
 
 # Libra's API keeps these through urllib.quote(path, "/~+*,;:!$'[]()?&=#%").
 API_CHARACTERS = "'#$;()[]?&=%~+*,!:"
 EVERY_PRINTABLE = "".join(chr(code) for code in range(0x21, 0x7f))
 CHECK_WITHIN = 15.0       # inter 1s, on a machine shared with other test runs
-
-
-@pytest.fixture(scope="module")
-def device(tmp_path_factory):
-    with Device(tmp_path_factory.mktemp("paths")) as dev:
-        yield dev
 
 
 @pytest.fixture
@@ -60,23 +54,23 @@ def _paths():
     yield "/health?x=1&y=%20#frag"
 
 
-def test_each_path_character_reaches_the_backend_byte_for_byte(device, recorder):
+def test_each_path_character_reaches_the_backend_byte_for_byte(shared_device, recorder):
     port = free_port()
     for path in _paths():
         message = update(lb("HTTP", port, [_node(recorder)], monitor=_monitor(path)))
-        device.must_pass(message)
+        shared_device.must_pass(message)
         _assert_check_sent(recorder, path)
         _assert_traffic(port, recorder)
 
 
-def test_a_2000_character_path_reaches_the_backend_byte_for_byte(device, recorder):
+def test_a_2000_character_path_reaches_the_backend_byte_for_byte(shared_device, recorder):
     port = free_port()
     pattern = string.ascii_letters + string.digits + API_CHARACTERS + "/-._"
     mixed = ("/" + pattern * 40)[:2000]
     assert len(mixed) == 2000 and mixed.count("'") > 20 and "#" in mixed and "$" in mixed
     quotes = "/" + "'" * 1999          # the longest config line: each quote is written '\''
     for path in (mixed, quotes):
-        device.must_pass(update(lb("HTTP", port, [_node(recorder)], monitor=_monitor(path))))
+        shared_device.must_pass(update(lb("HTTP", port, [_node(recorder)], monitor=_monitor(path))))
         _assert_check_sent(recorder, path)
         _assert_traffic(port, recorder)
 
@@ -85,15 +79,15 @@ def test_a_2000_character_path_reaches_the_backend_byte_for_byte(device, recorde
     ("/a b", "a space"), ("/a\tb", "a tab"), ("/a\nb", "a newline"), ("/caf\u00e9", "non-ASCII"),
     ("/a\x7fb", "DEL"), ("/" + "a" * 2000, "2,001 characters"), ("health", "no leading '/'"),
 ])
-def test_a_path_haproxy_cannot_send_fails_clearly_and_changes_nothing(device, recorder, path, why):
+def test_a_path_haproxy_cannot_send_fails_clearly_and_changes_nothing(shared_device, recorder, path, why):
     port = free_port()
-    device.must_pass(update(lb("HTTP", port, [_node(recorder)], monitor=_monitor("/good"))))
-    before = device.config_bytes()
-    reply = device.submit(update(lb("HTTP", port, [_node(recorder)], monitor=_monitor(path))))
+    shared_device.must_pass(update(lb("HTTP", port, [_node(recorder)], monitor=_monitor("/good"))))
+    before = shared_device.config_bytes()
+    reply = shared_device.submit(update(lb("HTTP", port, [_node(recorder)], monitor=_monitor(path))))
     assert reply["hpcs_response"] == "FAIL", (why, reply)
     assert reply["badRequest"]["validationErrors"]["message"] == reply["hpcs_error"], reply
     assert "monitor.path" in reply["hpcs_error"] and "\n" not in reply["hpcs_error"], reply
-    assert device.config_bytes() == before, f"{why}: the config changed after a FAIL"
+    assert shared_device.config_bytes() == before, f"{why}: the config changed after a FAIL"
     _assert_traffic(port, recorder)
 
 
@@ -112,12 +106,12 @@ def test_a_path_haproxy_cannot_send_fails_clearly_and_changes_nothing(device, re
       "connect_retries": 3},
      {"type": "CONNECT", "delay": 30, "timeout": 30, "attempts": 2}),
 ], ids=["lowest", "highest", "libra-defaults"])
-def test_every_value_the_api_accepts_is_applied(device, recorder, options, monitor):
+def test_every_value_the_api_accepts_is_applied(shared_device, recorder, options, monitor):
     port = free_port()
-    reply = device.must_pass(update(lb("HTTP", port, [_node(recorder, weight=256)],
+    reply = shared_device.must_pass(update(lb("HTTP", port, [_node(recorder, weight=256)],
                                        options=options, monitor=monitor)))
     assert reply["loadBalancers"][0]["nodes"][0]["condition"] == "ENABLED", reply
-    config = device.config_bytes().decode()
+    config = shared_device.config_bytes().decode()
     assert f"timeout client {options['client_timeout']}\n" in config
     assert f"timeout server {options['server_timeout']}\n" in config
     assert f"timeout connect {options['connect_timeout']}\n" in config

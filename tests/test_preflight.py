@@ -1,6 +1,6 @@
 """`libra_worker --check`: one line per device check, exit 0 only when all pass (issue 9)."""
 from support.ports import free_port
-from support.worker import run_worker, write_config
+from support.worker import run_worker, sudo_ini, write_config
 
 
 def check(tmp_path, servers, **extra_ini):
@@ -14,7 +14,7 @@ def lines(result):
 
 
 def test_a_ready_device_passes_every_check(tmp_path, gearmand):
-    result = check(tmp_path, [gearmand], **{"worker:haproxy": {"sudo": "true"}})
+    result = check(tmp_path, [gearmand], **sudo_ini())
     assert result.returncode == 0, result.stdout + result.stderr
     checks = lines(result)
     assert checks and all(line.startswith("PASS") for line in checks), checks

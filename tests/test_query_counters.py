@@ -1,4 +1,4 @@
-"""query.parse and the Ledger, without a worker.
+"""stats_socket.parse and the Ledger, without a worker.
 
 parse() reads real `show info;show stat` text captured from a live HAProxy
 started here (then rearranged: columns reordered, unknown columns added, cut
@@ -16,10 +16,11 @@ import subprocess
 
 import pytest
 
-from libra_worker.drivers.haproxy import counters, query
 from libra_worker.drivers.haproxy.commands import Commands
-from libra_worker.drivers.haproxy.counters import Ledger, billing_rows
-from libra_worker.drivers.haproxy.query import Snapshot, StatRow, StatsSocket, node_status, parse
+from libra_worker.drivers.haproxy.ledger import Ledger, billing_rows
+from libra_worker.drivers.haproxy.lifecycle import Lifecycle
+from libra_worker.drivers.haproxy.statsfile import Statsfile, valid_state
+from libra_worker.drivers.haproxy.stats_socket import QUERY, Snapshot, StatRow, StatsSocket, node_status, parse
 from libra_worker.errors import CommandFailed, ServiceError
 from support.backends import HttpBackend
 from support.metrics_helpers import FakeStatsSocket
@@ -57,7 +58,7 @@ backend tcp_servers
 
 def _socat(sock):
     """The worker's query, the worker's way: socat stdio, QUERY on stdin."""
-    return subprocess.run([SOCAT, "stdio", f"unix-connect:{sock}"], input=query.QUERY,
+    return subprocess.run([SOCAT, "stdio", f"unix-connect:{sock}"], input=QUERY,
                           capture_output=True, text=True, timeout=10, check=True).stdout
 
 
@@ -107,7 +108,7 @@ def _summary(snapshot):
             snapshot.frontend_bytes_out())
 
 
-# -- query.parse on live text ---------------------------------------------------------
+# -- parse on live text ---------------------------------------------------------
 
 
 def test_parse_reads_a_live_haproxy(live):
@@ -214,7 +215,7 @@ def test_stats_socket_waits_for_a_slow_answer(live, tmp_path):
     path = tmp_path / "slow.sock"
     with FakeStatsSocket(path, text.encode(), delay=1.0) as fake:
         snapshot = StatsSocket(SOCAT, str(path), Commands(sudo=False)).snapshot()
-    assert fake.received == [query.QUERY.encode()]
+    assert fake.received == [QUERY.encode()]
     assert _summary(snapshot) == _summary(parse(text))
 
 
@@ -240,7 +241,7 @@ def statsfile(tmp_path):
 
 
 def test_report_counts_each_byte_once_within_a_generation(statsfile):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     assert bytes_of(ledger.report(snap(10, http=100, tcp=5))) == {"http": 100, "tcp": 5}
     assert bytes_of(ledger.report(snap(10, http=250, tcp=5))) == {"http": 150, "tcp": 0}
     assert bytes_of(ledger.report(snap(10, http=250, tcp=5))) == {"http": 0, "tcp": 0}
@@ -248,7 +249,7 @@ def test_report_counts_each_byte_once_within_a_generation(statsfile):
 
 
 def test_carry_folds_a_generation_in_before_a_reload(statsfile, caplog):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=100))
     ledger.carry(snap(10, http=300))                    # 200 carried, reload next
     assert bytes_of(ledger.report(None)) == {"http": 200}   # HAProxy down: carried only
@@ -261,7 +262,7 @@ def test_carry_folds_a_generation_in_before_a_reload(statsfile, caplog):
 
 
 def test_restart_behind_the_workers_back_is_logged_and_counted_from_zero(statsfile, caplog):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=1000))
     with caplog.at_level(logging.WARNING):
         report = ledger.report(snap(20, http=30, started=2000))
@@ -274,7 +275,7 @@ def test_restart_behind_the_workers_back_is_logged_and_counted_from_zero(statsfi
 
 
 def test_counters_below_their_baseline_are_never_negative(statsfile):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=5000, tcp=70))
     assert bytes_of(ledger.report(snap(10, http=120, tcp=0))) == {"http": 120, "tcp": 0}
     assert bytes_of(ledger.report(snap(10, http=200, tcp=3))) == {"http": 80, "tcp": 3}
@@ -283,7 +284,7 @@ def test_counters_below_their_baseline_are_never_negative(statsfile):
 
 
 def test_a_late_answer_from_a_replaced_process_is_not_counted_again(statsfile):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     ledger.carry(snap(10, http=500))
     assert bytes_of(ledger.report(snap(11, http=20))) == {"http": 520}
     assert bytes_of(ledger.report(snap(10, http=520))) == {}    # the old process, draining
@@ -291,7 +292,7 @@ def test_a_late_answer_from_a_replaced_process_is_not_counted_again(statsfile):
 
 
 def test_a_carry_with_a_late_answer_is_not_taken_for_a_crash(statsfile, caplog):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     ledger.carry(snap(10, http=500))
     ledger.report(snap(11, http=20))
     with caplog.at_level(logging.INFO):
@@ -301,25 +302,25 @@ def test_a_carry_with_a_late_answer_is_not_taken_for_a_crash(statsfile, caplog):
 
 
 def test_a_reading_missing_a_frontend_does_not_reset_its_baseline(statsfile):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=900, tcp=400))
     assert bytes_of(ledger.report(snap(10, http=950))) == {"http": 50}
     assert bytes_of(ledger.report(snap(10, http=950, tcp=410))) == {"http": 0, "tcp": 10}
 
 
 def test_the_ledger_survives_a_new_worker(statsfile):
-    first = Ledger(statsfile)
+    first = Ledger(Statsfile(statsfile))
     first.report(snap(10, http=100))
     first.carry(snap(10, http=160))
     window = first.state["window_start"]
-    second = Ledger(statsfile)                          # the worker was killed and restarted
+    second = Ledger(Statsfile(statsfile))                          # the worker was killed and restarted
     report = second.report(snap(11, http=9))
     assert bytes_of(report) == {"http": 69}
     assert report.utc_start == window
 
 
 def test_windows_follow_each_other_even_when_the_clock_goes_back(statsfile):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     first = ledger.report(None)
     second = ledger.report(None)
     assert second.utc_start == first.utc_end and second.utc_end >= second.utc_start
@@ -329,27 +330,29 @@ def test_windows_follow_each_other_even_when_the_clock_goes_back(statsfile):
 
 
 def test_reset_forgets_the_old_load_balancer(statsfile):
-    ledger = Ledger(statsfile)
+    shared = Statsfile(statsfile)
+    ledger, lifecycle = Ledger(shared), Lifecycle(shared)
     ledger.carry(snap(10, http=100))
-    ledger.set_lb_state("ACTIVE")
+    lifecycle.set_lb_state("ACTIVE")
     ledger.reset()
-    assert ledger.lb_state == "ACTIVE"
+    assert lifecycle.lb_state == "ACTIVE"
+    assert Lifecycle(Statsfile(statsfile)).lb_state == "ACTIVE"     # on disk too
     assert bytes_of(ledger.report(None)) == {}
 
 
 def test_save_is_atomic_private_and_leaves_no_temp_file(statsfile):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     for count in range(1, 30):
         ledger.report(snap(10, http=count * 10))
     directory = os.path.dirname(statsfile)
     assert os.listdir(directory) == ["haproxy.stats"]
     assert stat.S_IMODE(os.stat(statsfile).st_mode) == 0o600
-    assert counters.valid_state(json.load(open(statsfile)))
-    assert Ledger(statsfile).state["baseline"] == {"HTTP": 290}
+    assert valid_state(json.load(open(statsfile)))
+    assert Ledger(Statsfile(statsfile)).state["baseline"] == {"HTTP": 290}
 
 
 def test_a_report_that_cannot_be_saved_fails_and_moves_nothing(statsfile, caplog):
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=0))
     os.unlink(statsfile)
     os.mkdir(statsfile)                                # the rename onto it fails from now on
@@ -396,13 +399,14 @@ def test_a_corrupt_statsfile_is_moved_aside_and_counting_starts_afresh(statsfile
     with open(statsfile, "wb") as stream:
         stream.write(content)
     with caplog.at_level(logging.ERROR):
-        ledger = Ledger(statsfile)
+        shared = Statsfile(statsfile)
+    ledger = Ledger(shared)
     asides = [name for name in os.listdir(os.path.dirname(statsfile)) if ".corrupt-" in name]
     assert len(asides) == 1 and asides[0].startswith("haproxy.stats.corrupt-")
     with open(os.path.join(os.path.dirname(statsfile), asides[0]), "rb") as stream:
         assert stream.read() == content
     assert statsfile in caplog.text and "moved to" in caplog.text
-    assert ledger.lb_state == "NONE"
+    assert Lifecycle(shared).lb_state == "NONE"
     # What the running HAProxy counted may have been reported already: never bill it twice.
     assert bytes_of(ledger.report(snap(10, http=11))) == {"http": 0}
     assert bytes_of(ledger.report(snap(10, http=20))) == {"http": 9}
@@ -413,7 +417,7 @@ def test_two_corrupt_statsfiles_in_one_second_are_both_kept(statsfile):
     for content in (b"first garbage", b"second garbage"):
         with open(statsfile, "wb") as stream:
             stream.write(content)
-        Ledger(statsfile)
+        Ledger(Statsfile(statsfile))
     directory = os.path.dirname(statsfile)
     kept = sorted(open(os.path.join(directory, name), "rb").read()
                   for name in os.listdir(directory) if ".corrupt-" in name)
@@ -428,7 +432,7 @@ def test_a_ledger_written_before_retired_generations_still_loads(statsfile):
            "expect_new_generation": False}
     with open(statsfile, "w") as stream:
         json.dump(old, stream)
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     assert os.listdir(os.path.dirname(statsfile)) == ["haproxy.stats"]
     assert bytes_of(ledger.report(snap(10, http=130))) == {"http": 42}
 
@@ -437,6 +441,27 @@ def test_after_a_corrupt_statsfile_a_process_started_afresh_counts_whole(statsfi
     os.makedirs(os.path.dirname(statsfile))
     with open(statsfile, "wb") as stream:
         stream.write(b"garbage")
-    ledger = Ledger(statsfile)
+    ledger = Ledger(Statsfile(statsfile))
     ledger.carry(None)                      # the worker starts HAProxy itself
     assert bytes_of(ledger.report(snap(10, http=11))) == {"http": 11}
+
+
+def test_a_statsfile_from_before_the_split_loads_in_both_parts(statsfile):
+    """One file still holds the lifecycle state and the bytes; the old code's file loads whole."""
+    os.makedirs(os.path.dirname(statsfile))
+    old = {"version": 1, "lb_state": "SUSPENDED", "window_start": "2024-01-01 00:00:00.000000",
+           "carried": {"HTTP": 12, "GALERA": 3}, "generation": "10@1000", "baseline": {"HTTP": 100},
+           "expect_new_generation": True, "retired": ["9@900"], "draining": {"9@900": {"HTTP": 50}}}
+    with open(statsfile, "w") as stream:
+        json.dump(old, stream)
+    shared = Statsfile(statsfile)
+    ledger, lifecycle = Ledger(shared), Lifecycle(shared)
+    assert os.listdir(os.path.dirname(statsfile)) == ["haproxy.stats"]
+    assert lifecycle.lb_state == "SUSPENDED"
+    assert ledger.draining() == {"9@900": {"HTTP": 50}}
+    lifecycle.set_lb_state("ACTIVE")                    # a write of one part keeps the other
+    assert json.load(open(statsfile)) == {**old, "lb_state": "ACTIVE"}
+    report = ledger.report(snap(11, http=7))
+    assert bytes_of(report) == {"http": 12 + 7, "tcp": 3} and report.utc_start == old["window_start"]
+    written = json.load(open(statsfile))
+    assert sorted(written) == sorted(old) and written["lb_state"] == "ACTIVE"

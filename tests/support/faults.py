@@ -466,7 +466,7 @@ class TemplateOracle:
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) "
                       r"\S+: .*")
-JOB_LINE = re.compile(r"(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO libra_worker\.worker: "
+JOB_LINE = re.compile(r"(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO libra_worker\.job_loop: "
                       r"job (?P<head>.*?) (?P<status>PASS|FAIL) (?P<seconds>\d+\.\d{3})s(?P<rest>.*)")
 # Control characters (C0, DEL, C1) and bidi/format characters: a job that gets
 # one of these into a log line can rewrite what an operator sees.

@@ -1,10 +1,6 @@
-"""Helpers for the STATS and METRICS tests: a device on the shared gearmand,
-HAProxy's own counters read straight from its stats socket, killing HAProxy
-behind the worker's back, and a fake stats socket that answers nonsense.
-
-`Station` runs libra_worker (service = process, sudo = true, every path in
-its directory) on the `gearmand` fixture and can start a second worker on
-the same directory, config, name and statsfile after the first one died.
+"""Helpers for the STATS and METRICS tests: a METRICS reply checked for
+shape, traffic of a known size, HAProxy's own counters read straight from
+its stats socket, and a fake stats socket that answers nonsense.
 """
 import csv
 import datetime
@@ -12,107 +8,11 @@ import os
 import socket
 import threading
 import time
-from pathlib import Path
 
-from .traffic import haproxy_processes, http_get, kill_haproxy, stop_haproxy, tcp_exchange, unix_command
-from .worker import WorkerProcess
+from .traffic import http_get, tcp_exchange, unix_command
 
-SUDO_INI = {"worker:haproxy": {"sudo": "true"}}
 UTC_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 HEADER_SLACK = 1024          # bytes of response headers allowed per HTTP request
-
-
-class Station:
-    """One libra_worker (and the HAProxy it runs) in `directory`, on `gearmand`."""
-
-    def __init__(self, directory, gearmand, client, name=None):
-        self.dir = Path(directory)
-        self.gearmand = gearmand
-        self.client = client
-        self.name = name
-        self.workers = []
-        self.worker = None
-        # Lay out the directory (worker.ini, haproxy/) without starting anything,
-        # so a test can plant files (a corrupt statsfile) before the first start.
-        self._prepare()
-
-    def _prepare(self):
-        self.worker = WorkerProcess(self.dir, [self.gearmand], name=self.name, extra_ini=SUDO_INI)
-        self.name = self.worker.name
-        self.workers.append(self.worker)
-        haproxy = self.worker.sections["worker:haproxy"]
-        self.config = Path(haproxy["config"])
-        self.stats_socket = Path(haproxy["stats_socket"])
-        self.master_socket = Path(haproxy["master_socket"])
-        self.statsfile = Path(haproxy["statsfile"])
-        self.logfile = self.worker.logfile
-
-    def start(self):
-        """Start the prepared worker; returns once it answered DISCOVER."""
-        self.worker.start()
-        self.worker.wait_registered()
-        return self
-
-    def restart_after_kill(self):
-        """SIGKILL the worker, then start a new one on the same directory and name."""
-        self.worker.kill()
-        self._prepare()
-        return self.start()
-
-    # -- jobs ---------------------------------------------------------------
-    def submit(self, message, timeout=30.0):
-        return self.client.submit(self.name, message, timeout=timeout, alive=self.worker.alive)
-
-    def must_pass(self, message, timeout=30.0):
-        reply = self.submit(message, timeout)
-        assert reply.get("hpcs_response") == "PASS", (
-            f"{message.get('hpcs_action')} did not PASS: {reply}; {self.worker.diagnosis()}")
-        return reply
-
-    def must_fail(self, message, timeout=30.0):
-        reply = self.submit(message, timeout)
-        assert reply.get("hpcs_response") == "FAIL", f"{message.get('hpcs_action')} did not FAIL: {reply}"
-        error = reply.get("hpcs_error")
-        assert isinstance(error, str) and error.strip() and "\n" not in error, reply
-        return reply
-
-    def node_statuses(self):
-        """STATS (must PASS) → {node id: 'UP'|'DOWN'}, each id reported once."""
-        reply = self.must_pass({"hpcs_action": "STATS"})
-        nodes = reply.get("nodes")
-        assert isinstance(nodes, list), reply
-        statuses = {}
-        for entry in nodes:
-            assert set(entry) == {"id", "status"}, entry
-            assert entry["status"] in ("UP", "DOWN"), entry
-            assert entry["id"] not in statuses, f"node {entry['id']!r} reported twice: {nodes}"
-            statuses[entry["id"]] = entry["status"]
-        return statuses
-
-    def metrics(self):
-        """METRICS (must PASS) → Metrics."""
-        return Metrics(self.must_pass({"hpcs_action": "METRICS"}))
-
-    # -- HAProxy ------------------------------------------------------------
-    def haproxy_pids(self):
-        return sorted(haproxy_processes(self.config))
-
-    def serving_pid(self):
-        """The pid of the HAProxy process answering the stats socket."""
-        return int(info(self.stats_socket)["Pid"])
-
-    def kill_haproxy(self, timeout=10.0):
-        """SIGKILL every HAProxy process of this device (master and workers)."""
-        return kill_haproxy(self.config, timeout)
-
-    def log_text(self):
-        """Every worker's log (they share one file) as text."""
-        return self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
-
-    def stop(self):
-        for process in self.workers:
-            process.stop()
-        stop_haproxy(self.config)
 
 
 class Metrics:

@@ -1,4 +1,4 @@
-"""Traffic through the load balancer, and the device around it, for the driver tests.
+"""Traffic through the load balancer, and the HAProxy processes behind it, for the driver tests.
 
 - HTTP requests through the load balancer (http.client, one connection per
   request) and which back-end answered them (the `X-Backend` header every
@@ -6,9 +6,8 @@
 - `RecordingHttpBackend`: an HttpBackend that also keeps what each GET
   carried (path and headers), to see what HAProxy forwards;
 - raw TCP exchanges with a TcpEchoBackend behind a TCP load balancer;
-- `Device`: gearmand + one libra_worker (service = process, sudo = true,
-  every HAProxy path in a temp dir) + a client, and the HAProxy processes
-  that worker started, found by their config path and stopped at the end;
+- the HAProxy processes a worker started, found by their config path
+  (the device around them is support.device.Device);
 - builders for UPDATE messages.
 """
 import collections
@@ -20,10 +19,7 @@ import time
 from pathlib import Path
 
 from .backends import HttpBackend
-from .client import GearClient
-from .gearmand import Gearmand
 from .ports import LOOPBACK
-from .worker import WorkerProcess
 
 REQUEST_TIMEOUT = 5.0
 
@@ -337,107 +333,3 @@ def lb(protocol, port, nodes, **fields):
 
 def update(*load_balancers):
     return {"hpcs_action": "UPDATE", "loadBalancers": list(load_balancers)}
-
-
-# --------------------------------------------------------------------------
-# The device
-# --------------------------------------------------------------------------
-
-class Device:
-    """A gearmand, a libra_worker in `dir`/w (HAProxy in `dir`/w/haproxy) and a client.
-
-    The worker runs with `sudo = true` as the contract's production setting.
-    `stop()` also stops the HAProxy that the worker left running.
-    """
-
-    def __init__(self, tmpdir, name=None):
-        self.dir = Path(tmpdir)
-        self.worker_dir = self.dir / "w"
-        self.gearmand = None
-        self.worker = None
-        self.client = None
-        self.name = name
-        self.extra_ini = {"worker:haproxy": {"sudo": "true"}}
-
-    # paths the worker config names (support.worker.write_config)
-    @property
-    def haproxy_dir(self):
-        return self.worker_dir / "haproxy"
-
-    @property
-    def config(self):
-        return self.haproxy_dir / "haproxy.cfg"
-
-    @property
-    def backup(self):
-        return Path(str(self.config) + ".BKUP")
-
-    @property
-    def pidfile(self):
-        return self.haproxy_dir / "haproxy.pid"
-
-    @property
-    def master_socket(self):
-        return self.haproxy_dir / "master.sock"
-
-    @property
-    def stats_socket(self):
-        return self.haproxy_dir / "stats.sock"
-
-    @property
-    def logfile(self):
-        return self.haproxy_dir / "haproxy.log"
-
-    def start(self):
-        self.gearmand = Gearmand(self.dir / "g").start()
-        self.start_worker()
-        self.client = GearClient([self.gearmand.address])
-        return self
-
-    def start_worker(self):
-        self.worker = WorkerProcess(self.worker_dir, [self.gearmand], name=self.name,
-                                    extra_ini=self.extra_ini)
-        self.name = self.worker.name
-        self.worker.start()
-        self.worker.wait_registered()
-        return self.worker
-
-    def restart_worker(self):
-        """SIGTERM the worker and start a new one on the same directory and name."""
-        self.worker.stop()
-        return self.start_worker()
-
-    def submit(self, message, timeout=30.0):
-        return self.client.submit(self.name, message, timeout=timeout, alive=self.worker.alive)
-
-    def must_pass(self, message, timeout=30.0):
-        reply = self.submit(message, timeout)
-        assert reply.get("hpcs_response") == "PASS", (
-            f"{message.get('hpcs_action')} did not PASS: {reply.get('hpcs_error')!r}; "
-            f"{self.worker.diagnosis()}")
-        return reply
-
-    def config_bytes(self):
-        return self.config.read_bytes()
-
-    def masters(self):
-        return haproxy_masters(self.config)
-
-    def stop(self):
-        if self.client is not None:
-            self.client.close()
-        if self.worker is not None:
-            self.worker.stop()
-        stop_haproxy(self.config)
-        if self.gearmand is not None:
-            self.gearmand.stop()
-
-    def __enter__(self):
-        try:
-            return self.start()
-        except BaseException:  # a half-started device still stops what did start
-            self.stop()
-            raise
-
-    def __exit__(self, *exc_info):
-        self.stop()

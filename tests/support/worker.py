@@ -26,6 +26,11 @@ def unique_name(prefix="test"):
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+def sudo_ini(**haproxy_options):
+    """extra_ini for a worker that runs HAProxy through sudo, as the contract's production setting."""
+    return {"worker:haproxy": {"sudo": "true", **haproxy_options}}
+
+
 def _address(server):
     return str(getattr(server, "address", server))
 

@@ -19,7 +19,7 @@ import logging
 import time
 
 from libra_worker.drivers.haproxy import plan as plans, render, server_state
-from libra_worker.drivers.haproxy.query import FRONTENDS_QUERY
+from libra_worker.drivers.haproxy.stats_socket import FRONTENDS_QUERY
 from libra_worker.errors import CommandFailed, JobError, ServiceError
 
 LOG = logging.getLogger(__name__)

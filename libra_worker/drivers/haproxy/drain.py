@@ -15,7 +15,7 @@ process lives.
 import logging
 import threading
 
-from libra_worker.drivers.haproxy import query
+from libra_worker.drivers.haproxy import stats_socket
 from libra_worker.errors import ServiceError
 
 LOG = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class DrainFollower:
                 self.ledger.drained(generation)
                 continue
             try:
-                snapshot = query.parse(self.service.ask_worker(pid, query.FRONTENDS_QUERY))
+                snapshot = stats_socket.parse(self.service.ask_worker(pid, stats_socket.FRONTENDS_QUERY))
             except ServiceError as error:
                 LOG.debug("HAProxy %s is gone (%s)", generation, error)
                 self.ledger.drained(generation)

@@ -14,8 +14,10 @@ from libra_worker.drivers.haproxy.apply import Executor
 from libra_worker.drivers.haproxy.drain import DrainFollower
 from libra_worker.drivers.haproxy.commands import SERVICE, Commands
 from libra_worker.drivers.haproxy.config_files import ConfigStore
-from libra_worker.drivers.haproxy.counters import Ledger
-from libra_worker.drivers.haproxy.query import SERVERS_QUERY, StatsSocket
+from libra_worker.drivers.haproxy.ledger import Ledger
+from libra_worker.drivers.haproxy.lifecycle import Lifecycle
+from libra_worker.drivers.haproxy.stats_socket import SERVERS_QUERY, StatsSocket
+from libra_worker.drivers.haproxy.statsfile import Statsfile
 from libra_worker.drivers.haproxy.service import make_service
 from libra_worker.errors import CommandFailed, Deleted, JobError, ServiceError
 
@@ -63,7 +65,9 @@ class HAProxyDriver:
         self.stats_socket = StatsSocket(settings.socat, settings.stats_socket, self.commands)
         self.service = make_service(settings, self.commands, self.stats_socket.pid)
         self.configs = ConfigStore(settings, self.commands)
-        self.ledger = Ledger(settings.statsfile)
+        statsfile = Statsfile(settings.statsfile)
+        self.ledger = Ledger(statsfile)        # METRICS bytes
+        self.lifecycle = Lifecycle(statsfile)  # ACTIVE, SUSPENDED, DELETED...
         self.applied = None  # the load balancers HAProxy runs, when this worker applied them
         self.accepts = None  # (binary identity, plan.Accepts) of the running HAProxy, once asked
         self.busy = threading.Lock()
@@ -84,7 +88,7 @@ class HAProxyDriver:
         server_state.clear(server_state.path_for(self.settings.statsfile))  # only a reload fills it
         if self.service.running():
             LOG.info("adopted the running HAProxy (worker pid %s)", self.service.worker_pid())
-        elif self.ledger.lb_state == "ACTIVE" and self.configs.exists():
+        elif self.lifecycle.lb_state == "ACTIVE" and self.configs.exists():
             LOG.warning("HAProxy should be serving but is not running: starting it")
             try:
                 self.ledger.carry(None)
@@ -124,8 +128,8 @@ class HAProxyDriver:
             if self.executor.refused:
                 self.accepts = None  # learn again what this HAProxy accepts
         self.applied = load_balancers
-        if self.ledger.lb_state != "ACTIVE":
-            self.ledger.set_lb_state("ACTIVE")
+        if self.lifecycle.lb_state != "ACTIVE":
+            self.lifecycle.set_lb_state("ACTIVE")
         return how
 
     def _accepts(self):
@@ -149,7 +153,7 @@ class HAProxyDriver:
         if self.service.running():
             self.ledger.carry(self._snapshot_or_none())
             self.service.stop()
-        self.ledger.set_lb_state("SUSPENDED")
+        self.lifecycle.set_lb_state("SUSPENDED")
 
     @exclusive
     def enable(self):
@@ -159,7 +163,7 @@ class HAProxyDriver:
         if not self.service.running():
             self.ledger.carry(None)
             self.service.start()
-        self.ledger.set_lb_state("ACTIVE")
+        self.lifecycle.set_lb_state("ACTIVE")
 
     @exclusive
     def delete(self):
@@ -171,7 +175,7 @@ class HAProxyDriver:
         else:  # the system's syslog owns it (root's directory): its rotation removes it
             LOG.info("DELETE: %s is left to the system's syslog", self.settings.logfile)
         self.ledger.reset()
-        self.ledger.set_lb_state("DELETED")
+        self.lifecycle.set_lb_state("DELETED")
         self.applied = None
 
     def stats(self):
@@ -202,10 +206,10 @@ class HAProxyDriver:
         return self.executor.snapshot_or_none()
 
     def _require_not_deleted(self):
-        if self.ledger.lb_state == "DELETED":
+        if self.lifecycle.lb_state == "DELETED":
             raise Deleted("the load balancer was deleted")
 
     def _require_configured(self, action):
         self._require_not_deleted()
-        if self.ledger.lb_state == "NONE" and not self.configs.exists():
+        if self.lifecycle.lb_state == "NONE" and not self.configs.exists():
             raise CommandFailed(f"{action}: no load balancer is configured on this device")

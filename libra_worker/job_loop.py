@@ -65,15 +65,7 @@ class JobLoop:
         self.settings = settings
         self.controller = controller
         self.stop_flag = stop_flag or StopFlag()
-        self.in_job = False
         self._wire = None
-
-    @property
-    def running(self):
-        return self._wire is not None and not self.stop_flag.requested
-
-    def stop(self):
-        self.stop_flag.set()
 
     def _connect(self):
         gearman = self.settings.gearman
@@ -111,7 +103,6 @@ class JobLoop:
 
     def _serve(self, job):
         started = time.monotonic()
-        self.in_job = True
         handled = len(job.payload)
         try:
             try:
@@ -133,6 +124,5 @@ class JobLoop:
             if reachable:
                 self._wire.complete(job, reply)   # a send that fails is logged by the wire, once
         finally:
-            self.in_job = False
             if handled >= TRIM_AFTER_BYTES:
                 release_memory()

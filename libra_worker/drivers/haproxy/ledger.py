@@ -1,4 +1,4 @@
-"""The persisted ledger behind METRICS (and the device's lifecycle state).
+"""The ledger behind METRICS, persisted in the statsfile (statsfile.py).
 
 HAProxy's byte counters start at zero in every new process ("generation":
 a reload, a restart, a SUSPEND/ENABLE).  The ledger remembers, per
@@ -15,21 +15,15 @@ since its last reading, so no reload loses bytes.
 """
 import copy
 import datetime
-import json
 import logging
-import os
-import threading
-import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from libra_worker import safe_files
 from libra_worker.errors import CommandFailed
 
 LOG = logging.getLogger(__name__)
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-LB_STATES = ("NONE", "ACTIVE", "SUSPENDED", "DELETED")
 RETIRED_KEPT = 16
 PROTOCOL_BY_FRONTEND = {"http": "HTTP", "tcp": "TCP", "galera": "GALERA"}
 # The METRICS row of each protocol, as Libra's worker named it: its billing
@@ -57,10 +51,10 @@ def billing_rows(totals):
     return sorted(rows.items())
 
 
-def _fresh():
-    return {"version": 1, "lb_state": "NONE", "window_start": utc_now(),
-            "carried": {}, "generation": None, "baseline": {}, "expect_new_generation": False,
-            "retired": [], "draining": {}}
+def fresh():
+    """The accounting part of a new statsfile."""
+    return {"window_start": utc_now(), "carried": {}, "generation": None, "baseline": {},
+            "expect_new_generation": False, "retired": [], "draining": {}}
 
 
 def _is_time(text):
@@ -76,10 +70,9 @@ def _is_counts(value):
     return isinstance(value, dict) and all(type(v) is int and v >= 0 for v in value.values())
 
 
-def valid_state(state):
-    return (isinstance(state, dict) and state.get("version") == 1
-            and state.get("lb_state") in LB_STATES
-            and _is_time(state.get("window_start"))
+def valid(state):
+    """Whether a loaded statsfile's accounting part is one this worker wrote."""
+    return (_is_time(state.get("window_start"))
             and _is_counts(state.get("carried"))
             and _is_counts(state.get("baseline"))
             and (state.get("generation") is None or isinstance(state["generation"], str))
@@ -90,6 +83,18 @@ def valid_state(state):
             and all(_is_counts(counts) for counts in state.get("draining", {}).values()))
 
 
+def complete(state):
+    """A statsfile from before these keys existed: add them."""
+    state.setdefault("expect_new_generation", False)
+    state.setdefault("retired", [])
+    state.setdefault("draining", {})
+
+
+def count_from_next_reading(state):
+    """A statsfile set aside: what HAProxy counted so far may have been reported already."""
+    state["baseline_next_reading"] = True
+
+
 def _protocol_counts(snapshot):
     """{protocol: bytes out} of the load balancers' frontends in a reading."""
     return {PROTOCOL_BY_FRONTEND[name]: count
@@ -98,69 +103,18 @@ def _protocol_counts(snapshot):
 
 
 class Ledger:
-    def __init__(self, path):
-        self.path = path
-        self.state = self._load()
-        # The job loop and the draining reader both account bytes.
-        self.lock = threading.RLock()
+    """METRICS byte accounting, kept in the statsfile (a statsfile.Statsfile)."""
 
-    # -- persistence --------------------------------------------------------
-    def _load(self):
-        try:
-            data = safe_files.read_bytes(self.path)  # OddFile (a FIFO, a link...) is raised: refused
-            if data is None:
-                return _fresh()
-            state = json.loads(data)
-        except safe_files.OddFile:
-            raise
-        except (OSError, ValueError, RecursionError) as error:
-            return self._set_aside(f"unreadable ({type(error).__name__}: {error})")
-        if not valid_state(state):
-            return self._set_aside("not a ledger this worker wrote")
-        state.setdefault("expect_new_generation", False)
-        state.setdefault("retired", [])
-        state.setdefault("draining", {})
-        return state
+    def __init__(self, statsfile):
+        self.file = statsfile
+        self.lock = statsfile.lock
 
-    def _set_aside(self, why):
-        stamp = int(time.time())
-        aside = f"{self.path}.corrupt-{stamp}"
-        number = 1
-        while os.path.lexists(aside):  # never overwrite an earlier one
-            aside = f"{self.path}.corrupt-{stamp}-{number}"
-            number += 1
-        try:
-            os.replace(self.path, aside)
-            LOG.error("statsfile %s is %s: moved to %s, counting afresh", self.path, why, aside)
-        except OSError as error:
-            LOG.error("statsfile %s is %s and could not be moved aside (%s): counting afresh",
-                      self.path, why, error.strerror)
-        state = _fresh()
-        # What HAProxy counted so far may have been reported already: count from the next reading.
-        state["baseline_next_reading"] = True
-        return state
+    @property
+    def state(self):
+        return self.file.state
 
     def save(self):
-        """Write the state; a failure is logged and counting goes on in memory."""
-        try:
-            self._write()
-        except OSError as error:
-            # The next save may succeed; METRICS refuses to report until one does.
-            LOG.error("cannot write statsfile %s: %s", self.path, error)
-
-    def _write(self):
-        """Atomic, durable write (temp file, fsync, rename, fsync of the directory); OSError."""
-        safe_files.write_atomic(self.path, json.dumps(self.state).encode(), 0o600, make_dir=0o700)
-
-    # -- lifecycle state ----------------------------------------------------
-    @property
-    def lb_state(self):
-        return self.state["lb_state"]
-
-    def set_lb_state(self, lb_state):
-        with self.lock:
-            self.state["lb_state"] = lb_state
-            self.save()
+        self.file.save()
 
     # -- byte accounting ----------------------------------------------------
     def _unaccounted(self, snapshot):
@@ -290,11 +244,11 @@ class Ledger:
         self.state["carried"] = {}
         self.state["window_start"] = utc_end
         try:
-            self._write()
+            self.file.write()
         except OSError as error:
-            self.state = before
-            LOG.error("METRICS not reported: cannot write statsfile %s: %s", self.path, error)
-            raise CommandFailed(f"cannot save the METRICS window to the statsfile {self.path}: "
+            self.file.state = before
+            LOG.error("METRICS not reported: cannot write statsfile %s: %s", self.file.path, error)
+            raise CommandFailed(f"cannot save the METRICS window to the statsfile {self.file.path}: "
                                 f"{error.strerror or error}; the window was not moved, the next "
                                 "METRICS reports these bytes") from None
         return report
@@ -302,7 +256,6 @@ class Ledger:
     def reset(self):
         """DELETE: nothing of the old load balancer is reported again."""
         with self.lock:
-            lb_state = self.state["lb_state"]
-            self.state = _fresh()
-            self.state["lb_state"] = lb_state
+            self.state.pop("baseline_next_reading", None)
+            self.state.update(fresh())
             self.save()
