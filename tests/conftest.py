@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from support import swift as swift_support
 from support.backends import HttpBackend, TcpEchoBackend
 from support.client import GearClient
 from support.gearmand import Gearmand
@@ -24,6 +25,17 @@ def gearmand(tmp_path):
     server = Gearmand(tmp_path / "gearmand").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def swift(tmp_path_factory):
+    """A one-replica Swift on 127.0.0.1 for a module's ARCHIVE tests; removed with its files."""
+    missing = swift_support.missing_programs()
+    if missing:
+        pytest.fail(f"Swift is not installed ({', '.join(missing)} missing): run .ci/install-swift")
+    server = swift_support.Swift(tmp_path_factory.mktemp("swift")).start()
+    yield server
+    server.remove()
 
 
 @pytest.fixture

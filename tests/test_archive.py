@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from support import swift as swift_support
 from support.ports import free_port
 from support.device import Device
 from support.traffic import http_get, lb, node, serves, tcp_exchange, update, wait_until
@@ -37,16 +36,6 @@ SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
 # --------------------------------------------------------------------------
 # Fixtures and helpers
 # --------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def swift(tmp_path_factory):
-    missing = swift_support.missing_programs()
-    if missing:
-        pytest.fail(f"Swift is not installed ({', '.join(missing)} missing): run .ci/install-swift")
-    server = swift_support.Swift(tmp_path_factory.mktemp("swift")).start()
-    yield server
-    server.remove()
-
 
 @pytest.fixture
 def container():

@@ -30,7 +30,7 @@ from support.backends import HttpBackend
 from support.client import GearClient
 from support.traffic import (backend_counts, haproxy_processes, http_get, lb, node, refuses,
                              stop_haproxy, update, wait_until)
-from support.worker import PROJECT, WorkerProcess
+from support.worker import PROJECT, PrefixedWorker
 
 SUDOERS = PROJECT / "debian" / "sudoers.d" / "libra-worker"
 INIT_SCRIPT = Path("/etc/init.d/haproxy")
@@ -45,16 +45,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="SYSTEM MODE TESTS SKI
 
 def _digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-
-
-class SystemModeWorker(WorkerProcess):
-    def __init__(self, *args, prefix, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prefix = prefix
-
-    @property
-    def command(self):
-        return [*self.prefix, *super().command]
 
 
 @pytest.fixture
@@ -86,7 +76,7 @@ def system_device(gearmand):
     binds = [(sudoers, "/etc/sudoers.d"), (defaults, str(DEFAULTS)), (run, "/run/haproxy")]
     setpriv = ["setpriv", "--reuid", RUN_USER, "--regid", RUN_USER, "--init-groups"]
     name = f"system-{os.getpid()}"
-    process = SystemModeWorker(worker_dir, [gearmand], name=name, prefix=namespace.wrap(binds, setpriv),
+    process = PrefixedWorker(worker_dir, [gearmand], name=name, prefix=namespace.wrap(binds, setpriv),
                                extra_ini={"worker:haproxy": {
                                    "service": "system", "sudo": "true",
                                    "pidfile": "/run/haproxy/haproxy.pid",

@@ -34,13 +34,12 @@ from pathlib import Path
 
 import pytest
 
-from support import swift as swift_support
 from support.backends import HttpBackend, TcpEchoBackend
 from support.client import GearClient
 from support.ports import LOOPBACK
 from support.traffic import (backend_counts, haproxy_masters, haproxy_processes, http_get, lb, node,
                              refuses, stop_haproxy, tcp_exchange, update, wait_until)
-from support.worker import PROJECT, WorkerProcess
+from support.worker import PROJECT, PrefixedWorker
 
 UNIT = PROJECT / "debian" / "libra-worker.service"
 PACKAGED_CONFIG = PROJECT / "debian" / "libra.cfg"
@@ -157,18 +156,6 @@ def sandbox_argv(service, writable, code=PROJECT, holder=None):
     return ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", "; ".join(steps), "sandbox"]
 
 
-class UnitWorker(WorkerProcess):
-    """libra_worker --nodaemon as the unit starts it: setpriv'd to the unit's credentials."""
-
-    def __init__(self, *args, prefix, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prefix = prefix
-
-    @property
-    def command(self):
-        return [*self.prefix, *super().command]
-
-
 class Load:
     """~LOAD_RATE new HTTP connections per second, every failure kept."""
 
@@ -220,23 +207,13 @@ def device_dir():
     shutil.rmtree(root.parent / f"{root.name}.code", ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def swift(tmp_path_factory):
-    missing = swift_support.missing_programs()
-    if missing:
-        pytest.fail(f"Swift is not installed ({', '.join(missing)} missing): run .ci/install-swift")
-    server = swift_support.Swift(tmp_path_factory.mktemp("swift")).start()
-    yield server
-    server.stop()
-
-
 def _start(device_dir, gearmand, name, log_target):
     (device_dir / "haproxy").mkdir(exist_ok=True)
     service = read_unit()
     holder = device_dir.parent / f"{device_dir.name}.code"  # beside the device dir, removed with it
     holder.mkdir(exist_ok=True)
     prefix = [*sandbox_argv(service, [device_dir], holder=holder), *setpriv_argv(service)]
-    process = UnitWorker(device_dir, [gearmand], name=name, prefix=prefix,
+    process = PrefixedWorker(device_dir, [gearmand], name=name, prefix=prefix,
                          extra_ini={"worker:haproxy": {"log_target": log_target, "sudo": "false",
                                                        "job_timeout": "30"}})
     for path in (process.config_path,):

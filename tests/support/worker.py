@@ -121,6 +121,7 @@ class WorkerProcess:
     def __repr__(self):
         return f"<WorkerProcess {self.name} pid={self.pid}>"
 
+
     def start(self):
         if self.proc is not None and self.proc.poll() is None:
             return self
@@ -196,3 +197,15 @@ class WorkerProcess:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+
+class PrefixedWorker(WorkerProcess):
+    """The worker started through `prefix` (an argv: setpriv, unshare...), as a unit or a script would."""
+
+    def __init__(self, *args, prefix, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefix = prefix
+
+    @property
+    def command(self):
+        return [*self.prefix, *super().command]
