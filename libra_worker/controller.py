@@ -12,6 +12,8 @@ from libra_worker import __version__, diagnostics, models
 from libra_worker.errors import BadRequest, Deleted, JobError
 
 LOG = logging.getLogger(__name__)
+# What a reply says of the job; never echoed from the request (Libra reads badRequest first).
+REPLY_STATUS_FIELDS = ("hpcs_response", "hpcs_error", "badRequest")
 
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 SECRET_FIELDS = ("hpcs_object_store_token",)
@@ -95,6 +97,8 @@ class Controller:
         try:
             message = decode(payload)
             reply = masked(message)
+            for field in REPLY_STATUS_FIELDS:  # the worker's to write: a request's own would mislead callers
+                reply.pop(field, None)
             if LOG.isEnabledFor(logging.DEBUG):
                 LOG.debug("request: %s", json.dumps(reply))
             requested = self._action(message)

@@ -595,6 +595,9 @@ def run_in_process(local, payload):
 @given(payload=arbitrary_payloads())
 @example(payload=b'{"hpcs_action": "DISCOVER", "x": 1e400}')
 @example(payload=b'{"hpcs_action": "DISCOVER", "x": -1e400}')
+# Found by this test: a PASS echoed the request's own status fields.
+@example(payload=b'{"hpcs_action": "DELETE", "hpcs_error": true}')
+@example(payload=b'{"hpcs_action": "DISCOVER", "badRequest": {"code": "400"}, "hpcs_response": "FAIL"}')
 def test_in_process_arbitrary_payloads_get_a_well_formed_reply(local, payload):
     run_in_process(local, payload)
 
