@@ -60,6 +60,36 @@ class Applied:
     running: bool                           # an HAProxy answers
     load_balancers: Optional[tuple] = None  # what this worker applied to it, if it knows
     file_holds_config: bool = False         # the live file is exactly the requested config
+    server_ids: Optional[dict] = None       # server_ids() of what runs, with load_balancers
+
+
+def server_ids(requested, previous=None):
+    """{protocol: {node id: HAProxy server id}} for `requested` (models.LoadBalancer tuple).
+
+    A node keeps the id it had in `previous` (the same mapping, of what runs);
+    a new node takes the smallest id no node of `previous` holds in its
+    backend, so an `add server` made before the removals of the same plan
+    never meets an id in use.  The config and `add server` both name the id:
+    a reload after runtime changes changes nothing, and HAProxy, given an id,
+    skips its search for a free one (O(servers in the backend) per add).
+    `previous` None (a worker restart, which reloads anyway): 1, 2, 3, ...
+    in the request's order.
+    """
+    mapping = {}
+    for lb in requested:
+        kept = (previous or {}).get(lb.protocol, {})
+        used = set(kept.values())
+        ids, candidate = {}, 1
+        for node in lb.nodes:
+            held = kept.get(node.id)
+            if held is None:
+                while candidate in used:
+                    candidate += 1
+                held = candidate
+                used.add(held)
+            ids[node.id] = held
+        mapping[lb.protocol] = ids
+    return mapping
 
 
 @dataclass(frozen=True)
@@ -95,12 +125,15 @@ _STILL_CONNECTED = re.compile(r"still has connections", re.I)
 _ANY = re.compile(r"")
 
 
-def plan_update(requested, config, applied, accepts=Accepts()):
+def plan_update(requested, config, applied, accepts=Accepts(), ids=None):
     """The Plan that makes the device run `requested` (models.LoadBalancer tuple).
 
-    `config` is render.render_config(requested, ...); `applied` an Applied;
-    `accepts` what the running HAProxy takes at run time.
+    `config` is render.render_config(requested, ..., server_ids=ids); `applied`
+    an Applied; `accepts` what the running HAProxy takes at run time; `ids`
+    server_ids(requested, applied.server_ids) (computed when None).
     """
+    if ids is None:
+        ids = server_ids(requested, applied.server_ids)
     if not applied.running:
         return Plan(START, config)
     if applied.load_balancers is None:
@@ -111,7 +144,7 @@ def plan_update(requested, config, applied, accepts=Accepts()):
         if applied.file_holds_config:
             return Plan(UNCHANGED, config)
         return Plan(RELOAD, config, reason="the live file is not what HAProxy runs")
-    commands, reason = runtime_commands(applied.load_balancers, requested, accepts)
+    commands, reason = runtime_commands(applied.load_balancers, requested, accepts, ids)
     if commands is None:
         return Plan(RELOAD, config, reason=reason)
     return Plan(RUNTIME, config, tuple(commands))
@@ -176,8 +209,13 @@ def _diff(old, new, accepts):
 NUDGE_EXPECT = _ANY
 
 
-def runtime_commands(old_lbs, new_lbs, accepts=Accepts()):
-    """([RuntimeCommand], "") turning running `old_lbs` into `new_lbs`, or (None, reason)."""
+def runtime_commands(old_lbs, new_lbs, accepts=Accepts(), ids=None):
+    """([RuntimeCommand], "") turning running `old_lbs` into `new_lbs`, or (None, reason).
+
+    `ids` is server_ids() of `new_lbs`: an added node's `add server` names its id.
+    """
+    if ids is None:
+        ids = server_ids(new_lbs)
     if len(old_lbs) != len(new_lbs):
         return None, "a load balancer is added or removed"
     by_protocol = {lb.protocol: lb for lb in old_lbs}
@@ -189,7 +227,7 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts()):
         changes, reason = _diff(old, new, accepts)
         if changes is None:
             return None, reason
-        diffs.append((render.proxy_settings(new), changes))
+        diffs.append(({**render.proxy_settings(new), "ids": ids[new.protocol]}, changes))
     macros = render.environment().get_template("runtime.j2").module
     commands = []
 
