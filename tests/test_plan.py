@@ -15,7 +15,7 @@ from libra_worker.settings import HaproxySettings
 
 SETTINGS = HaproxySettings()
 OLD_HAPROXY = Accepts()                      # 2.6: no `cookie` on `add server`
-NEW_HAPROXY = Accepts(dynamic_cookie=True)   # 3.0
+NEW_HAPROXY = Accepts(dynamic_cookie=True, cheap_commands=True)   # 3.0
 MONITOR = {"type": "CONNECT", "delay": 7, "timeout": 3, "attempts": 4}
 
 
@@ -158,8 +158,21 @@ def test_ten_thousand_weights_make_one_runtime_plan():
     """No cap on the number of commands: they travel many per socket line."""
     old = lbs(nodes=[node(f"n{i}", port=1000 + i) for i in range(10_000)])
     new = lbs(nodes=[node(f"n{i}", port=1000 + i, weight=2) for i in range(10_000)])
-    commands = lines(decide(old, new))
+    commands = lines(decide(old, new, NEW_HAPROXY))
     assert len(commands) == 10_000 and commands[-1] == "set server http_servers/n9999 weight 2"
+
+
+def test_past_max_slow_commands_an_older_haproxy_reloads():
+    """2.6's runtime commands cost more than its reload once every server has an id (measured)."""
+    old = lbs("TCP", [node(f"n{i}", port=1000 + i) for i in range(plan.MAX_SLOW_COMMANDS + 1)])
+    new = lbs("TCP", [node(f"n{i}", port=1000 + i, weight=2) for i in range(plan.MAX_SLOW_COMMANDS + 1)])
+    chosen = decide(old, new, OLD_HAPROXY)
+    assert chosen.kind == plan.RELOAD and "runtime commands on this HAProxy" in chosen.reason
+    assert decide(old, new, NEW_HAPROXY).kind == plan.RUNTIME
+    # 1,000 nodes added (3,000 commands) still go at run time on 2.6
+    assert decide(lbs("TCP", [node("anchor", port=1)]),
+                  lbs("TCP", [node("anchor", port=1)] + [node(f"a{i}", port=2000 + i) for i in range(1_000)]),
+                  OLD_HAPROXY).kind == plan.RUNTIME
 
 
 def test_two_load_balancers_change_separately():
@@ -221,7 +234,7 @@ def test_most_of_a_big_backend_removed_reloads_faster():
     anchor = [node("anchor", port=1)]
     many = [node(f"n{i}", port=1000 + i) for i in range(9_999)]
     assert decide(lbs("TCP", anchor + many[:1_000]), lbs("TCP", anchor)).kind == plan.RUNTIME
-    assert decide(lbs("TCP", many), lbs("TCP", many[:5_000])).kind == plan.RUNTIME
+    assert decide(lbs("TCP", many), lbs("TCP", many[:5_000]), NEW_HAPROXY).kind == plan.RUNTIME
     chosen = decide(lbs("TCP", anchor + many), lbs("TCP", anchor))
     assert chosen.kind == plan.RELOAD and "9999 of 10000 nodes are removed" in chosen.reason
 
@@ -243,7 +256,7 @@ def test_a_hand_built_model_with_an_unsafe_value_is_refused_not_sent():
     ("Name: HAProxy\nVersion: 3.0.11-9e587df\n", True),
     ("Version: 3.2.0\n", True), ("Version: 2.9.9\n", False), ("no version here", False), ("", False)])
 def test_accepts_from_show_info(info, cookie):
-    assert Accepts.from_info(info) == Accepts(dynamic_cookie=cookie)
+    assert Accepts.from_info(info) == Accepts(dynamic_cookie=cookie, cheap_commands=cookie)
 
 
 # --------------------------------------------------------------------------

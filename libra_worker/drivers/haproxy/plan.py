@@ -24,19 +24,28 @@ from libra_worker.drivers.haproxy import render
 
 START, UNCHANGED, RUNTIME, RELOAD = "start", "unchanged", "runtime", "reload"
 
-# Past these, a reload is cheaper than the runtime API (measured on 2.6 and 3.0, 2 CPUs):
-# `add server` costs about 0.1 µs per server already in its backend on top of its own
-# ~25 µs (HAProxy walks the used ids for a free one), so 9,999 adds to one backend
-# take 3-4 s where a reload of the whole config takes ~1 s; removing most of a big
-# backend (maintenance, then `del server`: ~40 µs a node) costs more than reloading
-# what is left.
+# Past these, a reload is cheaper than the runtime API (measured on 2.6 and 3.0, 2 CPUs).
+# Every server names its id (server_ids), so neither `add server` nor the config
+# parser searches a backend for a free one: 9,999 adds to one backend take ~0.6 s
+# in HAProxy 3.0 (3 s without ids) and ~1.3-1.5 s through the worker, but
+# `haproxy -c` of 10,000 servers also fell from ~0.5 s to ~0.1 s, so a reload of
+# the whole config (~0.35 s) still wins there; 1,000 adds stay cheaper at run time.
+# Removing most of a big backend (maintenance, then `del server`) costs more than
+# reloading what is left (9,999 removes: 0.27-0.45 s at run time).
 MAX_ADD_WORK = 2_000_000  # nodes added × servers in the backend after
 REMOVE_SLACK = 1_000      # runtime while removed nodes <= this + the nodes that stay
+# HAProxy 2.6 spends 70-130 µs on each `set server` in a 10,000-server backend (3.0:
+# 30-40 µs): once every server reads its id, a reload of 10,000 servers (~0.3-0.6 s)
+# beats 10,000 runtime commands there (0.7-1.3 s); 3,000 commands at 1,000 nodes
+# still go faster at run time (0.2-0.9x the reload).  3.0 keeps the runtime path:
+# about the cost of a reload at 10,000 commands, with no new process.
+MAX_SLOW_COMMANDS = 5_000  # on an HAProxy without `cheap_commands`
 
 # The first HAProxy series checked to accept `cookie` in `add server` (2.6 answers
 # "'cookie' option is not accepted for dynamic server"; 2.7-2.9 are not checked,
 # so they are treated as 2.6: an HTTP node added there reloads).
 DYNAMIC_COOKIE_SINCE = (3, 0)
+CHEAP_COMMANDS_SINCE = (3, 0)  # measured on 2.6 and 3.0 only (MAX_SLOW_COMMANDS)
 _VERSION = re.compile(r"^Version:\s*(\d+)\.(\d+)", re.M)
 
 
@@ -44,6 +53,7 @@ _VERSION = re.compile(r"^Version:\s*(\d+)\.(\d+)", re.M)
 class Accepts:
     """What the running HAProxy takes at run time, beyond what every supported version does."""
     dynamic_cookie: bool = False  # `add server ... cookie <value>` (HTTP nodes)
+    cheap_commands: bool = False  # runtime commands cost about what a reload costs a server
 
     @classmethod
     def from_info(cls, info_text):
@@ -51,7 +61,9 @@ class Accepts:
         match = _VERSION.search(info_text or "")
         if match is None:
             return cls()
-        return cls(dynamic_cookie=(int(match.group(1)), int(match.group(2))) >= DYNAMIC_COOKIE_SINCE)
+        version = (int(match.group(1)), int(match.group(2)))
+        return cls(dynamic_cookie=version >= DYNAMIC_COOKIE_SINCE,
+                   cheap_commands=version >= CHEAP_COMMANDS_SINCE)
 
 
 @dataclass(frozen=True)
@@ -253,4 +265,6 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts(), ids=None):
             commands.extend(RuntimeCommand(line, _EXPECT["del_server"], _STILL_CONNECTED,
                                            tuple(moves[2 * index:2 * index + 2]))
                             for index, line in enumerate(lines("del_server", lb, changes.removed)))
+    if not accepts.cheap_commands and len(commands) > MAX_SLOW_COMMANDS:
+        return None, f"{len(commands)} runtime commands on this HAProxy: a reload is faster"
     return commands, ""
