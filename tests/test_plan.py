@@ -357,13 +357,3 @@ def test_a_server_id_that_is_not_a_positive_int_is_refused():
     for bad in (0, -1, "3", 2 ** 31, True):
         with pytest.raises(ValueError):
             render.render_config(lbs("TCP", [node("a")]), SETTINGS, server_ids={"TCP": {"a": bad}})
-
-
-def test_thousands_of_condition_changes_reload_faster():
-    """Past MAX_STATE_CHANGES a reload of servers with ids beats `set server ... state` (measured)."""
-    many = [node(f"n{i}", port=1000 + i) for i in range(plan.MAX_STATE_CHANGES + 1)]
-    disabled = [{**entry, "condition": "DISABLED"} for entry in many]
-    chosen = decide(lbs("TCP", many), lbs("TCP", disabled), NEW_HAPROXY)
-    assert chosen.kind == plan.RELOAD and "change condition" in chosen.reason
-    some = disabled[:1_000] + many[1_000:]
-    assert decide(lbs("TCP", many), lbs("TCP", some), NEW_HAPROXY).kind == plan.RUNTIME

@@ -40,10 +40,6 @@ REMOVE_SLACK = 1_000      # runtime while removed nodes <= this + the nodes that
 # still go faster at run time (0.2-0.9x the reload).  3.0 keeps the runtime path:
 # about the cost of a reload at 10,000 commands, with no new process.
 MAX_SLOW_COMMANDS = 5_000  # on an HAProxy without `cheap_commands`
-# A condition change (`set server ... state`) costs HAProxy a state change and a log
-# line per server: 10,000 of them took 0.4-0.75 s on 3.0, 1.7-1.9x the reload of
-# 10,000 servers with ids; 1,000 took 0.4-0.6x.
-MAX_STATE_CHANGES = 5_000  # nodes enabled or disabled in one load balancer
 
 # The first HAProxy series checked to accept `cookie` in `add server` (2.6 answers
 # "'cookie' option is not accepted for dynamic server"; 2.7-2.9 are not checked,
@@ -214,8 +210,6 @@ def _diff(old, new, accepts):
         if was.weight != node.weight:
             changes.weighed.append(node)
     changes.removed.extend(before.values())  # in the running config, not in the new one
-    if len(changes.enabled) + len(changes.disabled) > MAX_STATE_CHANGES:
-        return None, f"{len(changes.enabled) + len(changes.disabled)} nodes change condition: a reload is faster"
     if len(changes.added) * len(new.nodes) > MAX_ADD_WORK:
         return None, f"{len(changes.added)} nodes are added: a reload is faster"
     if len(changes.removed) > REMOVE_SLACK + len(new.nodes):
