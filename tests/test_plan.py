@@ -9,13 +9,13 @@ import pytest
 
 from libra_worker.drivers.haproxy import plan, render
 from libra_worker.drivers.haproxy.apply import RUNTIME_LINE_BYTES, runtime_batches
-from libra_worker.drivers.haproxy.plan import Accepts, Applied, plan_update
+from libra_worker.drivers.haproxy.plan import Accepts, Applied, plan_update, server_ids
 from libra_worker.models import Monitor, Options, parse_update
 from libra_worker.settings import HaproxySettings
 
 SETTINGS = HaproxySettings()
 OLD_HAPROXY = Accepts()                      # 2.6: no `cookie` on `add server`
-NEW_HAPROXY = Accepts(dynamic_cookie=True)   # 3.0
+NEW_HAPROXY = Accepts(dynamic_cookie=True, cheap_commands=True)   # 3.0
 MONITOR = {"type": "CONNECT", "delay": 7, "timeout": 3, "attempts": 4}
 
 
@@ -30,8 +30,11 @@ def node(node_id, address="10.0.0.1", port=80, **fields):
 
 
 def decide(old, new, accepts=OLD_HAPROXY, running=True, holds=True):
-    applied = Applied(running=running, load_balancers=old, file_holds_config=holds)
-    return plan_update(new, render.render_config(new, SETTINGS), applied, accepts)
+    """The plan, with the server ids the driver keeps: old's, then new's after them."""
+    before = None if old is None else server_ids(old)
+    ids = server_ids(new, before)
+    applied = Applied(running=running, load_balancers=old, file_holds_config=holds, server_ids=before)
+    return plan_update(new, render.render_config(new, SETTINGS, server_ids=ids), applied, accepts, ids)
 
 
 def lines(chosen):
@@ -155,8 +158,21 @@ def test_ten_thousand_weights_make_one_runtime_plan():
     """No cap on the number of commands: they travel many per socket line."""
     old = lbs(nodes=[node(f"n{i}", port=1000 + i) for i in range(10_000)])
     new = lbs(nodes=[node(f"n{i}", port=1000 + i, weight=2) for i in range(10_000)])
-    commands = lines(decide(old, new))
+    commands = lines(decide(old, new, NEW_HAPROXY))
     assert len(commands) == 10_000 and commands[-1] == "set server http_servers/n9999 weight 2"
+
+
+def test_past_max_slow_commands_an_older_haproxy_reloads():
+    """2.6's runtime commands cost more than its reload once every server has an id (measured)."""
+    old = lbs("TCP", [node(f"n{i}", port=1000 + i) for i in range(plan.MAX_SLOW_COMMANDS + 1)])
+    new = lbs("TCP", [node(f"n{i}", port=1000 + i, weight=2) for i in range(plan.MAX_SLOW_COMMANDS + 1)])
+    chosen = decide(old, new, OLD_HAPROXY)
+    assert chosen.kind == plan.RELOAD and "runtime commands on this HAProxy" in chosen.reason
+    assert decide(old, new, NEW_HAPROXY).kind == plan.RUNTIME
+    # 1,000 nodes added (3,000 commands) still go at run time on 2.6
+    assert decide(lbs("TCP", [node("anchor", port=1)]),
+                  lbs("TCP", [node("anchor", port=1)] + [node(f"a{i}", port=2000 + i) for i in range(1_000)]),
+                  OLD_HAPROXY).kind == plan.RUNTIME
 
 
 def test_two_load_balancers_change_separately():
@@ -218,7 +234,7 @@ def test_most_of_a_big_backend_removed_reloads_faster():
     anchor = [node("anchor", port=1)]
     many = [node(f"n{i}", port=1000 + i) for i in range(9_999)]
     assert decide(lbs("TCP", anchor + many[:1_000]), lbs("TCP", anchor)).kind == plan.RUNTIME
-    assert decide(lbs("TCP", many), lbs("TCP", many[:5_000])).kind == plan.RUNTIME
+    assert decide(lbs("TCP", many), lbs("TCP", many[:5_000]), NEW_HAPROXY).kind == plan.RUNTIME
     chosen = decide(lbs("TCP", anchor + many), lbs("TCP", anchor))
     assert chosen.kind == plan.RELOAD and "9999 of 10000 nodes are removed" in chosen.reason
 
@@ -240,7 +256,7 @@ def test_a_hand_built_model_with_an_unsafe_value_is_refused_not_sent():
     ("Name: HAProxy\nVersion: 3.0.11-9e587df\n", True),
     ("Version: 3.2.0\n", True), ("Version: 2.9.9\n", False), ("no version here", False), ("", False)])
 def test_accepts_from_show_info(info, cookie):
-    assert Accepts.from_info(info) == Accepts(dynamic_cookie=cookie)
+    assert Accepts.from_info(info) == Accepts(dynamic_cookie=cookie, cheap_commands=cookie)
 
 
 # --------------------------------------------------------------------------
@@ -291,3 +307,53 @@ def test_runtime_batches_keep_order_and_stay_within_a_line():
 def test_models_used_here_are_what_the_edge_makes():
     (lb,) = lbs()
     assert isinstance(lb.monitor, Monitor) and isinstance(lb.options, Options)
+
+
+# --------------------------------------------------------------------------
+# Server ids (HAProxy's `id`), kept across UPDATEs
+# --------------------------------------------------------------------------
+
+def test_server_ids_number_a_fresh_backend_in_order():
+    assert server_ids(lbs(nodes=[node("a"), node("b"), node("c")])) == {"HTTP": {"a": 1, "b": 2, "c": 3}}
+
+
+def test_a_node_keeps_its_id_and_a_new_one_takes_a_free_id():
+    before = {"HTTP": {"a": 1, "b": 2, "c": 3}}
+    # b removed, d and e added in the same UPDATE: b's id is still in use when they are added
+    after = server_ids(lbs(nodes=[node("e"), node("c"), node("a"), node("d")]), before)
+    assert after == {"HTTP": {"a": 1, "c": 3, "e": 4, "d": 5}}
+    # the next UPDATE fills the gap b left
+    assert server_ids(lbs(nodes=[node("a"), node("c"), node("d"), node("e"), node("f")]), after) == \
+        {"HTTP": {"a": 1, "c": 3, "d": 5, "e": 4, "f": 2}}
+
+
+def test_server_ids_are_per_backend():
+    two = parse_update({"loadBalancers": [
+        {"protocol": "HTTP", "port": 80, "nodes": [node("a"), node("b")]},
+        {"protocol": "TCP", "port": 81, "nodes": [node("a"), node("x")]}]})
+    assert server_ids(two, {"HTTP": {"b": 7}}) == {"HTTP": {"b": 7, "a": 1}, "TCP": {"a": 1, "x": 2}}
+
+
+def test_config_and_add_server_name_the_same_kept_id():
+    old = lbs("TCP", [node("a"), node("b"), node("c")])
+    new = lbs("TCP", [node("a"), node("c"), node("d", address="10.0.0.4")])
+    chosen = decide(old, new)
+    assert lines(chosen)[0].startswith("add server tcp_servers/d 10.0.0.4:80 id 4 weight 1 ")
+    assert [line.split()[4] for line in chosen.config.splitlines() if line.startswith("    server ")] == \
+        ["1", "3", "4"]
+
+
+def test_same_request_renders_the_same_ids_so_it_is_unchanged():
+    old = lbs("TCP", [node("a"), node("b")])
+    ids = server_ids(old, {"TCP": {"b": 1, "a": 2}})
+    assert ids == {"TCP": {"a": 2, "b": 1}}
+    applied = Applied(running=True, load_balancers=old, file_holds_config=True, server_ids=ids)
+    text = render.render_config(old, SETTINGS, server_ids=server_ids(old, ids))
+    assert plan_update(old, text, applied).kind == plan.UNCHANGED
+    assert "server a 10.0.0.1:80 id 2 " in text and "server b 10.0.0.1:80 id 1 " in text
+
+
+def test_a_server_id_that_is_not_a_positive_int_is_refused():
+    for bad in (0, -1, "3", 2 ** 31, True):
+        with pytest.raises(ValueError):
+            render.render_config(lbs("TCP", [node("a")]), SETTINGS, server_ids={"TCP": {"a": bad}})

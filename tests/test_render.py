@@ -181,7 +181,7 @@ def test_global_section_carries_the_settings():
 def test_without_monitor_servers_get_a_default_tcp_check():
     text = render_config((lb(),), SETTINGS)
     assert server_lines(text) == [
-        "    server n1 127.0.0.1:9000 weight 1 check inter 5s rise 2 fall 3 cookie n1"]
+        "    server n1 127.0.0.1:9000 id 1 weight 1 check inter 5s rise 2 fall 3 cookie n1"]
     assert "httpchk" not in text and "timeout check 5s\n" in text  # defaults only
 
 
@@ -190,7 +190,7 @@ def test_connect_monitor_has_no_http_check():
     text = render_config((lb("TCP", monitor=mon),), SETTINGS)
     assert "httpchk" not in text and "/ignored" not in text
     assert "    timeout check 3s\n" in text
-    assert server_lines(text) == ["    server n1 127.0.0.1:9000 weight 1 check inter 7s rise 4 fall 4"]
+    assert server_lines(text) == ["    server n1 127.0.0.1:9000 id 1 weight 1 check inter 7s rise 4 fall 4"]
 
 
 def test_ipv6_bind_address_and_stickiness_key(tmp_path):
@@ -301,7 +301,7 @@ def test_ten_thousand_nodes(tmp_path):
     print(f"\n10,000 nodes: parse {parsed - started:.3f}s, render {rendered - parsed:.3f}s")
     lines = server_lines(text)
     assert len(lines) == 10_000
-    assert lines[-1] == ("    server 9999 10.39.249.1:8099 weight 16 check inter 30s rise 2 "
+    assert lines[-1] == ("    server 9999 10.39.249.1:8099 id 10000 weight 16 check inter 30s rise 2 "
                          "fall 2 cookie 9999")
     code, output = haproxy_check(text, tmp_path)
     assert code == 0, output[:2000]

@@ -25,13 +25,13 @@ def proc_state(device):
 
 
 def servers_state(device, backend):
-    """{server name: (address, admin state, user weight, port)} from `show servers state`."""
+    """{server name: (address, admin state, user weight, port, server id)} from `show servers state`."""
     text = unix_command(device.stats_socket, f"show servers state {backend}")
     lines = [line.split() for line in text.splitlines() if line and not line.startswith("#")]
     header = text.splitlines()[1].lstrip("# ").split()
     rows = [dict(zip(header, fields)) for fields in lines[1:]]
     return {row["srv_name"]: (row["srv_addr"], int(row["srv_admin_state"]), int(row["srv_uweight"]),
-                              int(row["srv_port"])) for row in rows}
+                              int(row["srv_port"]), int(row["srv_id"])) for row in rows}
 
 
 def last_update_path(device):
@@ -58,7 +58,7 @@ def test_weight_change_needs_no_reload(device, http_backend, tcp_backend):
     assert 120 <= counts["w-b"] <= 180 and counts["w-a"] + counts["w-b"] == 200, counts
     # The file on disk is what a reload would run: the same weight.
     assert device.config_bytes() != config_before
-    assert re.search(rb"server b \S+ weight 3 ", device.config_bytes())
+    assert re.search(rb"server b \S+ id \d+ weight 3 ", device.config_bytes())
 
 
 def test_identical_update_changes_nothing(device, http_backend, tcp_backend):
@@ -189,19 +189,20 @@ def test_the_next_reload_changes_nothing(device, http_backend, tcp_backend):
         node("d", web[2]), node("e", web[1], weight=4, condition="DISABLED")], monitor=FAST_CONNECT_MONITOR)))
     assert last_update_path(device) == "runtime" and proc_state(device) == before
     running = comparable(servers_state(device, backend))
+    # a and b keep their ids (1, 2); d and e, added while c (3) still ran, take 4 and 5
 
     pid, reloads = before
     unix_command(device.master_socket, "reload")
     wait_until(lambda: proc_state(device)[1] == reloads + 1, 10, what="the reload")
     assert comparable(servers_state(device, backend)) == running
-    assert running == {"a": ("127.0.0.1", False, 9, web[0].port), "b": ("127.0.0.1", True, 1, web[3].port),
-                       "d": ("127.0.0.1", False, 1, web[2].port), "e": ("127.0.0.1", True, 4, web[1].port)}
+    assert running == {"a": ("127.0.0.1", False, 9, web[0].port, 1), "b": ("127.0.0.1", True, 1, web[3].port, 2),
+                       "d": ("127.0.0.1", False, 1, web[2].port, 4), "e": ("127.0.0.1", True, 4, web[1].port, 5)}
 
 
 def comparable(state):
     """servers_state without how a server came into maintenance (config `disabled` or the CLI)."""
-    return {name: (address, bool(admin & 0x7), weight, port) for name, (address, admin, weight, port)
-            in state.items()}
+    return {name: (address, bool(admin & 0x7), weight, port, server_id)
+            for name, (address, admin, weight, port, server_id) in state.items()}
 
 
 def test_a_removed_node_finishes_its_request_first(device, http_backend, tcp_backend):
@@ -249,7 +250,7 @@ def test_a_thousand_weights_change_at_run_time(device, http_backend, tcp_backend
         one["weight"] = 1 + index % 200
     device.must_pass(update(lb("HTTP", port, nodes, monitor=slow_checks)))
     assert last_update_path(device) == "runtime" and proc_state(device) == before
-    weights = {name: weight for name, (_, _, weight, _) in servers_state(device, "http_servers").items()}
+    weights = {name: weight for name, (_, _, weight, _, _) in servers_state(device, "http_servers").items()}
     assert weights == {f"n{i}": 1 + i % 200 for i in range(1000)}
 
 

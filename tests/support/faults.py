@@ -420,7 +420,7 @@ class TemplateOracle:
             r"    stick on (?:src|dst)",
             rf"    option httpchk GET {_PATH}",
             rf"    timeout check {_NUM}s",
-            (rf"    server (?P<id>{_ID}) (?:{_IPV4}|{_IPV6}|{_HOST}):{_PORT} weight {_NUM}"
+            (rf"    server (?P<id>{_ID}) (?:{_IPV4}|{_IPV6}|{_HOST}):{_PORT} id {_NUM} weight {_NUM}"
              rf" check inter {_NUM}s rise {_NUM} fall {_NUM}( backup)?"
              rf"(?: cookie (?P<cookie>{_ID}))?( on-marked-down shutdown-sessions)?"),
         ]

@@ -69,6 +69,7 @@ class HAProxyDriver:
         self.ledger = Ledger(statsfile)        # METRICS bytes
         self.lifecycle = Lifecycle(statsfile)  # ACTIVE, SUSPENDED, DELETED...
         self.applied = None  # the load balancers HAProxy runs, when this worker applied them
+        self.applied_ids = None  # plan.server_ids() of self.applied
         self.accepts = None  # (binary identity, plan.Accepts) of the running HAProxy, once asked
         self.busy = threading.Lock()
         self.drain_follower = DrainFollower(self.ledger, self.service, self.busy)
@@ -110,12 +111,15 @@ class HAProxyDriver:
 
         The decision is plan.plan_update's; apply.Executor carries it out.
         """
-        text = render.render_config(load_balancers, self.settings)
         running = self.service.running()
         known = running and self.applied is not None
+        ids = plan.server_ids(load_balancers, self.applied_ids if known else None)
+        text = render.render_config(load_balancers, self.settings, server_ids=ids)
         applied = plan.Applied(running=running, load_balancers=self.applied if known else None,
-                               file_holds_config=known and self.configs.holds(text))
-        chosen = plan.plan_update(load_balancers, text, applied, self._accepts() if known else plan.Accepts())
+                               file_holds_config=known and self.configs.holds(text),
+                               server_ids=self.applied_ids if known else None)
+        chosen = plan.plan_update(load_balancers, text, applied,
+                                  self._accepts() if known else plan.Accepts(), ids)
         if chosen.kind == plan.RELOAD:
             LOG.info("UPDATE reloads HAProxy: %s", chosen.reason)
         try:
@@ -127,7 +131,7 @@ class HAProxyDriver:
         finally:
             if self.executor.refused:
                 self.accepts = None  # learn again what this HAProxy accepts
-        self.applied = load_balancers
+        self.applied, self.applied_ids = load_balancers, ids
         if self.lifecycle.lb_state != "ACTIVE":
             self.lifecycle.set_lb_state("ACTIVE")
         return how
@@ -176,7 +180,7 @@ class HAProxyDriver:
             LOG.info("DELETE: %s is left to the system's syslog", self.settings.logfile)
         self.ledger.reset()
         self.lifecycle.set_lb_state("DELETED")
-        self.applied = None
+        self.applied = self.applied_ids = None
 
     def stats(self):
         self._require_not_deleted()

@@ -24,19 +24,28 @@ from libra_worker.drivers.haproxy import render
 
 START, UNCHANGED, RUNTIME, RELOAD = "start", "unchanged", "runtime", "reload"
 
-# Past these, a reload is cheaper than the runtime API (measured on 2.6 and 3.0, 2 CPUs):
-# `add server` costs about 0.1 µs per server already in its backend on top of its own
-# ~25 µs (HAProxy walks the used ids for a free one), so 9,999 adds to one backend
-# take 3-4 s where a reload of the whole config takes ~1 s; removing most of a big
-# backend (maintenance, then `del server`: ~40 µs a node) costs more than reloading
-# what is left.
+# Past these, a reload is cheaper than the runtime API (measured on 2.6 and 3.0, 2 CPUs).
+# Every server names its id (server_ids), so neither `add server` nor the config
+# parser searches a backend for a free one: 9,999 adds to one backend take ~0.6 s
+# in HAProxy 3.0 (3 s without ids) and ~1.3-1.5 s through the worker, but
+# `haproxy -c` of 10,000 servers also fell from ~0.5 s to ~0.1 s, so a reload of
+# the whole config (~0.35 s) still wins there; 1,000 adds stay cheaper at run time.
+# Removing most of a big backend (maintenance, then `del server`) costs more than
+# reloading what is left (9,999 removes: 0.27-0.45 s at run time).
 MAX_ADD_WORK = 2_000_000  # nodes added × servers in the backend after
 REMOVE_SLACK = 1_000      # runtime while removed nodes <= this + the nodes that stay
+# HAProxy 2.6 spends 70-130 µs on each `set server` in a 10,000-server backend (3.0:
+# 30-40 µs): once every server reads its id, a reload of 10,000 servers (~0.3-0.6 s)
+# beats 10,000 runtime commands there (0.7-1.3 s); 3,000 commands at 1,000 nodes
+# still go faster at run time (0.2-0.9x the reload).  3.0 keeps the runtime path:
+# about the cost of a reload at 10,000 commands, with no new process.
+MAX_SLOW_COMMANDS = 5_000  # on an HAProxy without `cheap_commands`
 
 # The first HAProxy series checked to accept `cookie` in `add server` (2.6 answers
 # "'cookie' option is not accepted for dynamic server"; 2.7-2.9 are not checked,
 # so they are treated as 2.6: an HTTP node added there reloads).
 DYNAMIC_COOKIE_SINCE = (3, 0)
+CHEAP_COMMANDS_SINCE = (3, 0)  # measured on 2.6 and 3.0 only (MAX_SLOW_COMMANDS)
 _VERSION = re.compile(r"^Version:\s*(\d+)\.(\d+)", re.M)
 
 
@@ -44,6 +53,7 @@ _VERSION = re.compile(r"^Version:\s*(\d+)\.(\d+)", re.M)
 class Accepts:
     """What the running HAProxy takes at run time, beyond what every supported version does."""
     dynamic_cookie: bool = False  # `add server ... cookie <value>` (HTTP nodes)
+    cheap_commands: bool = False  # runtime commands cost about what a reload costs a server
 
     @classmethod
     def from_info(cls, info_text):
@@ -51,7 +61,9 @@ class Accepts:
         match = _VERSION.search(info_text or "")
         if match is None:
             return cls()
-        return cls(dynamic_cookie=(int(match.group(1)), int(match.group(2))) >= DYNAMIC_COOKIE_SINCE)
+        version = (int(match.group(1)), int(match.group(2)))
+        return cls(dynamic_cookie=version >= DYNAMIC_COOKIE_SINCE,
+                   cheap_commands=version >= CHEAP_COMMANDS_SINCE)
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,36 @@ class Applied:
     running: bool                           # an HAProxy answers
     load_balancers: Optional[tuple] = None  # what this worker applied to it, if it knows
     file_holds_config: bool = False         # the live file is exactly the requested config
+    server_ids: Optional[dict] = None       # server_ids() of what runs, with load_balancers
+
+
+def server_ids(requested, previous=None):
+    """{protocol: {node id: HAProxy server id}} for `requested` (models.LoadBalancer tuple).
+
+    A node keeps the id it had in `previous` (the same mapping, of what runs);
+    a new node takes the smallest id no node of `previous` holds in its
+    backend, so an `add server` made before the removals of the same plan
+    never meets an id in use.  The config and `add server` both name the id:
+    a reload after runtime changes changes nothing, and HAProxy, given an id,
+    skips its search for a free one (O(servers in the backend) per add).
+    `previous` None (a worker restart, which reloads anyway): 1, 2, 3, ...
+    in the request's order.
+    """
+    mapping = {}
+    for lb in requested:
+        kept = (previous or {}).get(lb.protocol, {})
+        used = set(kept.values())
+        ids, candidate = {}, 1
+        for node in lb.nodes:
+            held = kept.get(node.id)
+            if held is None:
+                while candidate in used:
+                    candidate += 1
+                held = candidate
+                used.add(held)
+            ids[node.id] = held
+        mapping[lb.protocol] = ids
+    return mapping
 
 
 @dataclass(frozen=True)
@@ -95,12 +137,15 @@ _STILL_CONNECTED = re.compile(r"still has connections", re.I)
 _ANY = re.compile(r"")
 
 
-def plan_update(requested, config, applied, accepts=Accepts()):
+def plan_update(requested, config, applied, accepts=Accepts(), ids=None):
     """The Plan that makes the device run `requested` (models.LoadBalancer tuple).
 
-    `config` is render.render_config(requested, ...); `applied` an Applied;
-    `accepts` what the running HAProxy takes at run time.
+    `config` is render.render_config(requested, ..., server_ids=ids); `applied`
+    an Applied; `accepts` what the running HAProxy takes at run time; `ids`
+    server_ids(requested, applied.server_ids) (computed when None).
     """
+    if ids is None:
+        ids = server_ids(requested, applied.server_ids)
     if not applied.running:
         return Plan(START, config)
     if applied.load_balancers is None:
@@ -111,7 +156,7 @@ def plan_update(requested, config, applied, accepts=Accepts()):
         if applied.file_holds_config:
             return Plan(UNCHANGED, config)
         return Plan(RELOAD, config, reason="the live file is not what HAProxy runs")
-    commands, reason = runtime_commands(applied.load_balancers, requested, accepts)
+    commands, reason = runtime_commands(applied.load_balancers, requested, accepts, ids)
     if commands is None:
         return Plan(RELOAD, config, reason=reason)
     return Plan(RUNTIME, config, tuple(commands))
@@ -176,8 +221,13 @@ def _diff(old, new, accepts):
 NUDGE_EXPECT = _ANY
 
 
-def runtime_commands(old_lbs, new_lbs, accepts=Accepts()):
-    """([RuntimeCommand], "") turning running `old_lbs` into `new_lbs`, or (None, reason)."""
+def runtime_commands(old_lbs, new_lbs, accepts=Accepts(), ids=None):
+    """([RuntimeCommand], "") turning running `old_lbs` into `new_lbs`, or (None, reason).
+
+    `ids` is server_ids() of `new_lbs`: an added node's `add server` names its id.
+    """
+    if ids is None:
+        ids = server_ids(new_lbs)
     if len(old_lbs) != len(new_lbs):
         return None, "a load balancer is added or removed"
     by_protocol = {lb.protocol: lb for lb in old_lbs}
@@ -189,7 +239,7 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts()):
         changes, reason = _diff(old, new, accepts)
         if changes is None:
             return None, reason
-        diffs.append((render.proxy_settings(new), changes))
+        diffs.append(({**render.proxy_settings(new), "ids": ids[new.protocol]}, changes))
     macros = render.environment().get_template("runtime.j2").module
     commands = []
 
@@ -215,4 +265,6 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts()):
             commands.extend(RuntimeCommand(line, _EXPECT["del_server"], _STILL_CONNECTED,
                                            tuple(moves[2 * index:2 * index + 2]))
                             for index, line in enumerate(lines("del_server", lb, changes.removed)))
+    if not accepts.cheap_commands and len(commands) > MAX_SLOW_COMMANDS:
+        return None, f"{len(commands)} runtime commands on this HAProxy: a reload is faster"
     return commands, ""

@@ -132,17 +132,30 @@ def proxy_settings(lb):
     }
 
 
-def _proxy(lb):
-    return {**proxy_settings(lb), "servers": [checked(node) for node in lb.nodes]}
+def _proxy(lb, ids):
+    return {**proxy_settings(lb), "servers": [checked(node) for node in lb.nodes], "ids": ids}
 
 
-def render_config(load_balancers, settings, *, user=None, group=None) -> str:
+def _server_ids(lb, server_ids):
+    """{node id: server id} of `lb`: from plan.server_ids' mapping, else 1, 2, 3, ..."""
+    if server_ids is None:
+        return {node.id: index for index, node in enumerate(lb.nodes, 1)}
+    ids = server_ids[lb.protocol]
+    for node in lb.nodes:
+        if type(ids[node.id]) is not int or not 0 < ids[node.id] < 2 ** 31:
+            raise ValueError(f"node {node.id}: server id {ids[node.id]!r} is not a positive int")
+    return ids
+
+
+def render_config(load_balancers, settings, *, user=None, group=None, server_ids=None) -> str:
     """The whole HAProxy configuration for `load_balancers` (models.LoadBalancer).
 
     `settings` is a HaproxySettings; `user`/`group`, when given, make HAProxy
     drop privileges after binding.  With `service = system` HAProxy starts
     as root, so it always drops to [worker:haproxy] user/group in its chroot,
-    as Debian's own haproxy.cfg does.
+    as Debian's own haproxy.cfg does.  `server_ids` is plan.server_ids'
+    mapping: each server line names its id (HAProxy's `id`), kept across
+    UPDATEs; None numbers each backend's servers from 1.
     """
     chroot = None
     if getattr(settings, "service", "process") == "system":
@@ -159,6 +172,6 @@ def render_config(load_balancers, settings, *, user=None, group=None) -> str:
         "server_state_file": _word(server_state.path_for(settings.statsfile), "server-state file"),
         "user": None if user is None else _word(user, "user"),
         "group": None if group is None else _word(group, "group"),
-        "load_balancers": [_proxy(lb) for lb in load_balancers],
+        "load_balancers": [_proxy(lb, _server_ids(lb, server_ids)) for lb in load_balancers],
     }
     return environment().get_template(TEMPLATE).render(context)
