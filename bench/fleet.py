@@ -32,6 +32,7 @@ from datetime import datetime
 import gear
 
 from bench import procs
+from bench.gearclient import Client
 
 ACTIONS = ("STATS", "METRICS", "DIAGNOSTICS")
 POLL_TIMEOUT = 10.0        # the admin API's poll time-out for a fan-out
@@ -39,38 +40,20 @@ RETRY_TIMEOUT = 30.0
 RECONNECT_SLEEP = 5
 
 
-class FanClient(gear.Client):
-    """A gear client on both job servers; each job's completion time stamped by the reader thread."""
+class FanClient(Client):
+    """The bench client on every job server; each job's completion time stamped by the reader thread."""
 
     def __init__(self, servers, client_id="fleet"):
-        super().__init__(client_id)
-        for server in servers:
-            self.addServer(procs.LOOPBACK, server.port)
-        self.waitForServer(timeout=10)
-
-    def _onConnect(self, conn):
-        conn.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super()._onConnect(conn)
+        super().__init__([server.address for server in servers], client_id)
 
     def _finished(self, job):
-        if job is not None and getattr(job, "done", None) is not None:
+        if getattr(job, "done", None) is not None:
             job.finished = time.perf_counter()
-            job.done.set()
-        return job
-
-    def handleWorkComplete(self, packet):
-        return self._finished(super().handleWorkComplete(packet))
-
-    def handleWorkFail(self, packet):
-        return self._finished(super().handleWorkFail(packet))
-
-    def handleWorkException(self, packet):
-        return self._finished(super().handleWorkException(packet))
+        return super()._finished(job)
 
     def handleDisconnect(self, job):
-        job = super().handleDisconnect(job)
-        job.lost = True
-        return self._finished(job)
+        job.lost = True  # before the waiter wakes
+        return super().handleDisconnect(job)
 
 
 def fan_out(client, requests, poll_timeout, on_progress=None):

@@ -15,9 +15,11 @@ import gear
 
 class Client(gear.Client):
     def __init__(self, address, client_id="bench"):
+        """`address`: "host:port", or a list of them (a connection to each)."""
         super().__init__(client_id)
-        host, _, port = address.rpartition(":")
-        self.addServer(host, int(port))
+        for one in [address] if isinstance(address, str) else address:
+            host, _, port = one.rpartition(":")
+            self.addServer(host, int(port))
         self.waitForServer(timeout=10)
 
     def _onConnect(self, conn):
