@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from libra_worker import models
 from libra_worker.errors import BadRequest
 from libra_worker.models import (LoadBalancer, Monitor, Node, Options, MAX_NODES,
                                  parse_update)
@@ -439,3 +440,64 @@ def test_any_json_value_gives_models_or_bad_request(field, value):
     else:
         assert isinstance(lbs[0], LoadBalancer)
         assert all(isinstance(node.port, int) for node in lbs[0].nodes)
+
+
+# -- the usual nodes' fast path (models._usual_nodes) ------------------------
+# Its answer must be exactly the field-by-field path's: a Node list equal to
+# _parse_nodes', or None (and then _parse_nodes decides, error text included).
+_USUAL_NODE_VALUES = {
+    "id": st.text(alphabet="AZaz09._-", min_size=1, max_size=64),
+    "address": st.sampled_from(["127.0.0.1", "10.0.0.255", "255.255.255.255", "0.0.0.0"]),
+    "port": st.integers(1, 65535), "weight": st.integers(1, 256), "backup": st.booleans(),
+    "condition": st.sampled_from(["ENABLED", "DISABLED", None]),
+}
+_ODD_NODE_VALUES = {
+    "id": st.one_of(st.integers(0, 99), st.text(alphabet="AZaz09._-", min_size=65, max_size=66),
+                    st.sampled_from(["", " a", "a\nb", "a b", "é", "\n", "a\n"]), st.none(), st.booleans()),
+    "address": st.sampled_from(["1.2.3.04", "256.1.1.1", "1.2.3", "1.2.3.4.5", "1.2.3.4\n5.6.7.8",
+                                " 1.2.3.4", "::1", "localhost", "", "1.2.3.4 ", "１.2.3.4", 7, None]),
+    "port": st.one_of(st.sampled_from([0, -1, 65536, "80", 80.0, True, None, [80]])),
+    "weight": st.sampled_from([0, 257, -1, "2", 2.0, False, True, None]),
+    "backup": st.sampled_from(["true", 0, 1, None]),
+    "condition": st.sampled_from(["enabled", " DISABLED", "OFF", 1, True, ""]),
+}
+
+
+def _mostly(usual, odd, one_in=8):
+    """`usual` but one time in `one_in`: one odd value among usual ones is then common."""
+    return st.integers(1, one_in).flatmap(lambda pick: odd if pick == 1 else usual)
+
+
+NODE_VALUES = {key: _mostly(_USUAL_NODE_VALUES[key], _ODD_NODE_VALUES[key]) for key in _USUAL_NODE_VALUES}
+_raw_node = st.fixed_dictionaries(
+    {key: NODE_VALUES[key] for key in ("id", "address", "port")},
+    optional={key: NODE_VALUES[key] for key in ("weight", "backup", "condition")})
+raw_nodes = st.lists(_mostly(_raw_node, st.sampled_from([None, [], "node", {"id": "a", "port": 80}])),
+                     min_size=1, max_size=4)
+
+
+def _field_by_field(nodes):
+    try:
+        return models._parse_nodes(nodes, "loadBalancers[0]", "")
+    except BadRequest as error:
+        return str(error)
+
+
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw_nodes)
+def test_the_usual_nodes_fast_path_agrees_with_the_field_by_field_checks(nodes):
+    fast = models._usual_nodes(nodes)
+    if fast is not None:
+        assert fast == _field_by_field(nodes)
+        assert [type(value) for node in fast for value in node] == \
+               [type(value) for node in _field_by_field(nodes) for value in node]
+
+
+def test_the_fast_path_takes_the_usual_nodes_and_refuses_a_duplicate():
+    usual = [{"id": f"n-{i}", "address": "10.0.0.1", "port": 80 + i, "condition": "DISABLED"}
+             for i in range(3)]
+    assert models._usual_nodes(usual) == [Node(f"n-{i}", "10.0.0.1", 80 + i, 1, False, False)
+                                          for i in range(3)]
+    assert models._usual_nodes(usual + [dict(usual[0])]) is None
+    with pytest.raises(BadRequest, match=r"nodes\[3\]\.id: duplicate node id 'n-0'"):
+        parse_update(update(http_lb(nodes=usual + [dict(usual[0])])))

@@ -214,10 +214,18 @@ def test_ipv6_bind_address_and_stickiness_key(tmp_path):
     Node("n1", "127.0.0.1", "80\nlisten x"),
     Node("n1", "127.0.0.1", 80, weight="1 backup"),
     Node("n1", "{x}", 80),
+    Node("n1", "127.0.0.1", True),
+    Node("n1", "127.0.0.1", 80, backup=1),
+    Node("n1", "127.0.0.1", 80, enabled="no"),
+    Node(7, "127.0.0.1", 80),
 ])
-def test_hand_built_models_with_unsafe_values_are_refused(node):
+@pytest.mark.parametrize("among", [0, 1, 2, 3])
+def test_hand_built_models_with_unsafe_values_are_refused(node, among):
+    """Alone, or first, in the middle or last of good nodes (render checks them in bulk)."""
+    good = [Node(f"good-{index}", "127.0.0.1", 8000 + index) for index in range(2)]
+    nodes = [node] if among == 0 else (good[:among - 1] + [node] + good[among - 1:])
     with pytest.raises(ValueError):
-        render_config((lb(nodes=[node]),), SETTINGS)
+        render_config((lb(nodes=nodes),), SETTINGS)
 
 
 def test_hand_built_monitor_path_with_a_newline_is_refused():

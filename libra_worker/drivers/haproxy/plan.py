@@ -18,7 +18,7 @@ Pure: plain values in, a Plan out, no I/O.  apply.py carries a Plan out.
 """
 import re
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 from libra_worker.drivers.haproxy import render
 
@@ -104,8 +104,7 @@ def server_ids(requested, previous=None):
     return mapping
 
 
-@dataclass(frozen=True)
-class RuntimeCommand:
+class RuntimeCommand(NamedTuple):  # a tuple: a plan can hold 30,000 of them
     line: str            # one stats-socket command, from templates/runtime.j2
     expect: re.Pattern   # what HAProxy answers when it worked
     retry: Optional[re.Pattern] = None  # an answer that means "not yet": send it again shortly
@@ -187,11 +186,12 @@ def _diff(old, new, accepts):
     """_Changes turning `old` into `new` (same frame), or the reason only a reload can."""
     changes = _Changes()
     before = {node.id: node for node in old.nodes}
+    changed = []
     for node in new.nodes:
         was = before.pop(node.id, None)
         if was == node:  # the usual case, a tuple comparison
             continue
-        render.checked(node)
+        changed.append(node)
         if was is None:
             if new.protocol == "HTTP" and not accepts.dynamic_cookie:
                 return None, "an HTTP node is added and this HAProxy refuses 'cookie' on `add server`"
@@ -210,6 +210,7 @@ def _diff(old, new, accepts):
         if was.weight != node.weight:
             changes.weighed.append(node)
     changes.removed.extend(before.values())  # in the running config, not in the new one
+    render.checked_nodes(changed)  # runtime.j2 writes their values as they are
     if len(changes.added) * len(new.nodes) > MAX_ADD_WORK:
         return None, f"{len(changes.added)} nodes are added: a reload is faster"
     if len(changes.removed) > REMOVE_SLACK + len(new.nodes):
