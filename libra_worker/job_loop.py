@@ -1,5 +1,6 @@
 """The job loop: take one job at a time from Gearman, always send a reply."""
 import ctypes
+import gc
 import logging
 import time
 
@@ -19,6 +20,8 @@ except (OSError, AttributeError):
 TRIM_AFTER_BYTES = 64 * 1024
 # After a stop: how long sent replies may take to be confirmed before the sockets close.
 SHUTDOWN_TIMEOUT = 3.0
+# After a large job, its reply is sent (for at most this long) before the housekeeping.
+SETTLE_LIMIT = 2.0
 
 
 def release_memory():
@@ -104,6 +107,11 @@ class JobLoop:
     def _serve(self, job):
         started = time.monotonic()
         handled = len(job.payload)
+        # No cyclic garbage collection during a job: a 10,000-node UPDATE allocates
+        # enough to set off several, one of them a full pass over everything alive
+        # (15-20 ms measured), and a job makes next to no reference cycles.  The
+        # collector runs again once the reply is out.
+        gc.disable()
         try:
             try:
                 result = self.controller.handle(job.payload)
@@ -125,4 +133,9 @@ class JobLoop:
                 self._wire.complete(job, reply)   # a send that fails is logged by the wire, once
         finally:
             if handled >= TRIM_AFTER_BYTES:
+                self._wire.settle(SETTLE_LIMIT)
+                gc.enable()
+                gc.collect()
                 release_memory()
+            else:
+                gc.enable()

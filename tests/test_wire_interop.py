@@ -290,3 +290,40 @@ def test_tcp_keepalive_when_configured(worker, gearmand):
             break
         assert time.monotonic() < deadline, shown
         time.sleep(0.2)
+
+
+def test_settle_sends_a_large_reply_before_the_job_loop_goes_on(gearmand):
+    """A reply larger than the socket takes at once is all out once settle() returns.
+
+    The wire worker runs in this process against a real gearmand; gear is the
+    client.  After settle() the worker stalls on purpose (standing for its
+    after-job housekeeping): the client has the whole reply long before the
+    stall ends.  Without settle() most of the reply would wait for the stall.
+    """
+    from libra_worker.wire.worker import Worker
+    host, _, port = gearmand.address.rpartition(":")
+    wire = Worker([(host, int(port))], "settle-test", timeout=10.0)
+    client = GearClient(gearmand)
+    try:
+        sent = client.send("settle-test", b"{}")
+        job = wire.next_job()
+        reply = bytes(range(256)) * (28 * 1024)  # 7 MiB: more than a socket buffer (4 MiB at most here)
+        assert wire.reachable(job) and wire.complete(job, reply)
+        assert any(server.link is not None and server.link.sending for server in wire.servers), \
+            "the socket took 7 MiB at once: the test no longer shows anything"
+        wire.settle(5.0)
+        assert not any(server.link is not None and server.link.sending for server in wire.servers)
+        stalled_at = time.monotonic()
+        received = []
+        reader = threading.Thread(target=lambda: received.append((client.wait(sent, timeout=10),
+                                                                   time.monotonic())))
+        reader.start()
+        time.sleep(2.0)   # the housekeeping, during which the worker reads and writes nothing
+        reader.join(10)
+        assert received, "the client never had the reply"
+        data, at = received[0]
+        assert data == reply
+        assert at - stalled_at < 1.0, f"the reply came {at - stalled_at:.2f}s into the stall"
+    finally:
+        client.close()
+        wire.close(timeout=1.0)
