@@ -236,3 +236,25 @@ def test_only_servers_the_new_configuration_keeps_unchanged_carry_their_state():
                                               "path": "/health"})))
     kept = server_state.carried(saved, probed, retimed, render.backend_name)
     assert [line.split()[3] for line in kept.splitlines()[2:]] == ["same"], kept
+
+
+def test_can_carry_says_whether_any_server_keeps_its_health_before_haproxy_is_asked():
+    """No server that runs now as it will (id, address, port, weight, condition, probe): no dump."""
+    from libra_worker.drivers.haproxy import server_state
+    from libra_worker.models import parse_update
+
+    def lbs(*nodes, monitor=None):
+        return parse_update(update(lb("HTTP", 80, [dict(node) for node in nodes],
+                                      **({"monitor": monitor} if monitor else {}))))
+    a = {"id": "a", "address": "10.0.0.1", "port": 80, "weight": 1}
+    b = {"id": "b", "address": "10.0.0.2", "port": 80, "weight": 1}
+    now = lbs(a, b)
+    assert server_state.can_carry(now, now)
+    assert not server_state.can_carry(now, lbs(dict(a, weight=2), dict(b, weight=2)))
+    assert server_state.can_carry(now, lbs(dict(a, weight=2), b))              # b keeps its health
+    assert not server_state.can_carry(now, lbs(dict(a, port=81), dict(b, condition="DISABLED")))
+    assert not server_state.can_carry(now, lbs(dict(a, id="c"), dict(b, address="10.0.0.3")))
+    assert server_state.can_carry(now, lbs(a, dict(b, backup=True)))          # backup: not in the state
+    assert not server_state.can_carry(None, now)
+    assert not server_state.can_carry(now, lbs(a, b, monitor={"type": "HTTP", "delay": 5, "timeout": 5,
+                                                              "attempts": 2, "path": "/health"}))

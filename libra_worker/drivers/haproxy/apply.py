@@ -229,8 +229,9 @@ class Executor:
         (`health`: running and wanted load balancers; default the plan's).
         """
         running_lbs, wanted_lbs = health or self.health
-        server_state.save(self.stats_socket.ask, self.state_file, running_lbs, wanted_lbs,
-                          render.backend_name)
+        # Through the held session when there is one: no socat to start for the dump.
+        server_state.save(self.stats_socket.ask if held is None else held.ask, self.state_file,
+                          running_lbs, wanted_lbs, render.backend_name)
         try:
             self.service.reload()
         except JobError:

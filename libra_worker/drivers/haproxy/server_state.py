@@ -17,6 +17,7 @@ version line alone: HAProxy warns when the file is missing), so a later
 start (ENABLE, a restart) never brings back old health.
 """
 import logging
+import operator
 import os
 
 from libra_worker import safe_files
@@ -60,6 +61,21 @@ def _expected(old_lbs, new_lbs, backend_name):
     return servers
 
 
+# What a server's saved line must still match: id, address, port, weight, enabled (a models.Node).
+_HEALTH_KEY = operator.itemgetter(0, 1, 2, 3, 5)
+
+
+def can_carry(old_lbs, new_lbs):
+    """Can any server of `new_lbs` keep its health: a node that runs now as it will, probed alike?"""
+    running = {lb.protocol: lb for lb in old_lbs or ()}
+    for lb in new_lbs:
+        old = running.get(lb.protocol)
+        if old is not None and probe(old) == probe(lb) and \
+                not set(map(_HEALTH_KEY, old.nodes)).isdisjoint(map(_HEALTH_KEY, lb.nodes)):
+            return True
+    return False
+
+
 def carried(text, old_lbs, new_lbs, backend_name):
     """The answer to `show servers state` while `old_lbs` run → the state file for `new_lbs` (pure).
 
@@ -97,9 +113,14 @@ def carried(text, old_lbs, new_lbs, backend_name):
 
 
 def _write(path, text):
-    """Atomic, symlink-safe write: HAProxy never reads half a file."""
+    """Atomic, symlink-safe write: HAProxy never reads half a file.
+
+    Not synced to disk: the file is read by the reload that follows at once
+    and emptied after it; a crash in between loses only health, which the
+    checks measure again.
+    """
     # 0644: HAProxy reads it (as root in system mode).
-    safe_files.write_atomic(path, text.encode("ascii"), 0o644, make_dir=0o700)
+    safe_files.write_atomic(path, text.encode("ascii"), 0o644, make_dir=0o700, durable=False)
 
 
 def clear(path):
@@ -119,8 +140,14 @@ def save(ask, path, old_lbs, new_lbs, backend_name):
 
     `ask` sends one stats-socket command and returns the answer.  On any
     failure the file is removed (stale health is worse than none) and the
-    reload goes on: the new process then checks every server afresh.
+    reload goes on: the new process then checks every server afresh.  When
+    no server of `new_lbs` can keep its health (every weight changes, say),
+    HAProxy is not asked at all: its answer for 10,000 servers takes longer
+    to read than the rest of the reload's own work.
     """
+    if not can_carry(old_lbs, new_lbs):
+        clear(path)
+        return False
     try:
         text = carried(ask(SHOW_COMMAND), old_lbs, new_lbs, backend_name)
         if text is None:
