@@ -219,6 +219,35 @@ def test_stats_socket_waits_for_a_slow_answer(live, tmp_path):
     assert _summary(snapshot) == _summary(parse(text))
 
 
+def test_a_held_session_reads_long_answers_as_the_one_shot_query_does(tmp_path):
+    """3,000 servers: `show servers state` (~200 kB, several reads) through the interactive
+    session is the one-shot socat answer, and the commands of one line come apart."""
+    sock = tmp_path / "stats.sock"
+    config = tmp_path / "haproxy.cfg"
+    servers = "\n".join(f"    server s{index} 127.0.0.1:{20000 + index} id {index + 1}"
+                         for index in range(3000))
+    config.write_text(f"global\n    stats socket {sock} mode 600 level admin\n"
+                      f"    pidfile {tmp_path / 'haproxy.pid'}\n"
+                      "defaults\n    mode http\n    timeout connect 1s\n    timeout client 1s\n"
+                      f"    timeout server 1s\nbackend big\n{servers}\n")
+    subprocess.run([HAPROXY, "-f", str(config), "-D"], check=True, timeout=20)
+    try:
+        wait_until(sock.exists, what="the stats socket")
+        socket_ = StatsSocket(SOCAT, str(sock), Commands(sudo=False))
+        one_shot = socket_.ask("show servers state")
+        assert one_shot.count("\n") > 3000 and len(one_shot) > 200_000
+        held = socket_.session()
+        try:
+            assert held.ask("show servers state") + "\n" == one_shot
+            state, info, again = held.answers("show servers state;show info;show servers state big")
+            assert state + "\n" == one_shot and again.count(" big ") == 3000
+            assert "Pid:" in info and "Name: HAProxy" in info
+        finally:
+            held.close()
+    finally:
+        stop_haproxy(config)
+
+
 # -- Ledger ---------------------------------------------------------------------------
 
 

@@ -92,12 +92,17 @@ def carried(text, old_lbs, new_lbs, backend_name):
     column = {name: header.index(name) for name in _NEEDED}
     expected = _expected(old_lbs, new_lbs, backend_name)
     kept = [lines[0], lines[1]]
+    # The names come first: a line is split whole only for a server that may be kept.
+    names = max(column["be_name"], column["srv_name"]) + 1
     for line in lines[2:]:
-        fields = line.split()
-        if len(fields) < len(header):
+        fields = line.split(None, names)
+        if len(fields) <= names:
             continue
         want = expected.get((fields[column["be_name"]], fields[column["srv_name"]]))
         if want is None:
+            continue
+        fields = line.split()
+        if len(fields) < len(header):
             continue
         address, port, weight, maint = want
         try:

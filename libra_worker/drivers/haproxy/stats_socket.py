@@ -199,7 +199,7 @@ class HeldSession:
 
     def __init__(self, process):
         self.process = process
-        self.pending = b""
+        self.pending = bytearray()  # read and not yet handed out (an answer can be megabytes)
         self.generation = None  # of the process it is attached to, once read
 
     def ask(self, command, timeout=5.0):
@@ -218,16 +218,18 @@ class HeldSession:
         fd = self.process.stdout.fileno()
         answers = []
         for _ in command.split(";"):  # interactive mode prompts after each command
-            while PROMPT not in self.pending:
+            searched = 0   # the prompt is looked for in what arrived since, not all over again
+            while (end := self.pending.find(PROMPT, searched)) < 0:
+                searched = max(0, len(self.pending) - len(PROMPT) + 1)
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([fd], [], [], left)[0]:
                     raise ServiceError("the held stats session did not answer")
-                chunk = os.read(fd, 65536)
+                chunk = os.read(fd, 1 << 20)
                 if not chunk:
                     raise ServiceError("the held stats session was closed by HAProxy")
                 self.pending += chunk
-            answer, _, self.pending = self.pending.partition(PROMPT)
-            answers.append(answer.decode("utf-8", "replace"))
+            answers.append(self.pending[:end].decode("utf-8", "replace"))
+            del self.pending[:end + len(PROMPT)]
         return answers
 
     def snapshot(self):
