@@ -437,9 +437,17 @@ class Bench:
         self.update(self.base_lb(1, 2))   # what the other steps expect
 
     def node_change_figure(self, protocol, port, count, change, rounds):
-        """A → B (the change) timed, interleaved with haproxy -c + reload of B's config; B → A untimed."""
+        """A → B (the change) timed, interleaved with the bare tools' A → B: haproxy -c + reload of B's config.
+
+        Both sides start from HAProxy running A (applied by the worker, untimed), so a row
+        that removes 9,999 nodes compares the same transition on both sides: retiring the
+        10,000-server process is in the floor too.
+        """
         before_message, after_message = node_change_messages(protocol, port, count, change)
         paths = []
+        self.update(before_message)
+        self.update(after_message)
+        after_config = self.worker.config.read_text()   # what the worker writes for B, ids and all
 
         def worker_side():
             self.update(before_message)
@@ -448,10 +456,13 @@ class Bench:
             paths.append("runtime" if self.current_worker() == before else "reload")
             return [seconds]
 
-        def floor_side():   # the config B wrote is live: the floor reloads it as is
+        def floor_side():
+            self.update(before_message)   # HAProxy runs A (the worker's next A reloads: the file holds B)
+            staged = self.worker.config.with_name("bench-floor.cfg")
+            staged.write_text(after_config)
+            os.replace(staged, self.worker.config)
             return [haproxy.check_and_reload(self.worker.config, self.worker.master_socket)]
 
-        self.update(after_message)
         medians = interleave(rounds, {"worker": worker_side, "floor": floor_side})
         measured, floor = median(medians["worker"]), median(medians["floor"])
         path = "/".join(sorted(set(paths)))
@@ -461,8 +472,9 @@ class Bench:
                         floor * 1e3, measured / floor, f"<= {target:g}x", judge(measured / floor, target),
                         f"{rounds} interleaved round(s); each round applies the config without the change "
                         f"(untimed), then times the UPDATE that makes it; path taken: {path} (same HAProxy "
-                        f"worker before and after = runtime); floor: `haproxy -c -f` + reload of the config "
-                        f"the timed UPDATE wrote; worker {spread(medians['worker'])} ms, floor "
+                        f"worker before and after = runtime); floor: from HAProxy running the config without "
+                        f"the change, `haproxy -c -f` + reload of the config the timed UPDATE writes; "
+                        f"worker {spread(medians['worker'])} ms, floor "
                         f"{spread(medians['floor'])} ms",
                         {"worker_s": medians["worker"], "floor_s": medians["floor"], "paths": paths}))
 
