@@ -5,13 +5,20 @@
 - check_and_reload(): `haproxy -c -f <config>`, then `reload` on the master
   CLI, then `show proc` every POLL_INTERVAL until a new worker (one that has
   survived no reload) appears or the failed-reload count rises: the same
-  wait libra_worker's ProcessService does.
+  wait libra_worker's ProcessService does;
+- runtime_api(): the runtime commands of a node change over one bare unix
+  socket: HAProxy's own cost of the runtime path.
 """
+import socket
 import subprocess
+import threading
 import time
 
 from bench.procs import HAPROXY, SOCAT
+from libra_worker.drivers.haproxy import apply, plan as plans
 from libra_worker.drivers.haproxy.service import ProcState, unix_request  # the worker's own CLI client
+
+PROMPT = b"\n> "
 
 POLL_INTERVAL = 0.01      # what libra_worker.drivers.haproxy.service polls at
 
@@ -26,6 +33,12 @@ def show_proc(master_socket):
 
 def current_worker(state):
     return state.current_worker if state is not None else None
+
+
+def show_info(stats_socket):
+    """`show info` of the process serving on the stats socket (through socat)."""
+    return subprocess.run([SOCAT, "stdio", f"unix-connect:{stats_socket}"], input="show info\n",
+                          capture_output=True, text=True, timeout=10, check=True).stdout
 
 
 def socat_show_stat(stats_socket):
@@ -61,3 +74,56 @@ def check_and_reload(config, master_socket, timeout=30.0, poll=POLL_INTERVAL):
         if time.monotonic() > deadline:
             raise RuntimeError(f"no new HAProxy worker within {timeout:g}s of the reload")
         time.sleep(poll)
+
+
+def runtime_api(stats_socket, commands, timeout=30.0, retry_for=1.0):
+    """HAProxy's own cost of a runtime change → seconds.
+
+    `commands`: the worker's planner's RuntimeCommands (plan.runtime_commands),
+    in the worker's lines (many commands per line, apply.runtime_batches), all
+    written at once over a bare unix socket by a thread while the answers are
+    read in large chunks: no socat, no per-line round trip, as little of this
+    process's time in it as the wire allows.  Each answer is checked; a
+    `del server` answered "still has connections" is sent again, as the
+    worker does.
+    """
+    started = time.perf_counter()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(stats_socket))
+        _exchange(sock, ["prompt"], 1)
+        waiting, deadline = list(commands), time.monotonic() + retry_for
+        while waiting:
+            batches = list(apply.runtime_batches(waiting))
+            texts = _exchange(sock, [";".join(c.line for c in batch) for batch in batches], len(waiting))
+            again = []
+            for command, text in zip(waiting, texts):
+                if command.expect.match(text):
+                    continue
+                if command.retry is not None and command.retry.search(text) and time.monotonic() < deadline:
+                    again.extend(plans.RuntimeCommand(line, plans.NUDGE_EXPECT) for line in command.nudge)
+                    again.append(command)
+                    continue
+                raise RuntimeError(f"HAProxy refused {command.line!r}: {text.strip()[:120]}")
+            if again:
+                time.sleep(0.02)
+            waiting = again
+    return time.perf_counter() - started
+
+
+def _exchange(sock, lines, answers):
+    """Write `lines` (from a thread), read until `answers` prompts came back → the answers."""
+    data = "".join(line + "\n" for line in lines).encode()
+    writer = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+    writer.start()
+    pending, seen = bytearray(), 0
+    while seen < answers:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            raise RuntimeError("the stats socket closed during the runtime floor")
+        tail = len(pending)
+        pending += chunk
+        seen += pending.count(PROMPT, max(0, tail - len(PROMPT) + 1))
+        time.sleep(0.0002)   # let answers gather: a recv per 3-byte prompt is this process's cost, not HAProxy's
+    writer.join()
+    return [part.decode() for part in bytes(pending).split(PROMPT)[:answers]]

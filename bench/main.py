@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -20,6 +21,8 @@ import tempfile
 import time
 
 from bench import haproxy, procs
+from libra_worker import models
+from libra_worker.drivers.haproxy import plan as plans
 from bench.gearclient import Client, wait_answering
 from bench.report import Figure, judge, table, write_json
 
@@ -67,6 +70,14 @@ def median(values):
 
 def spread(values, scale=1e3):
     return f"{min(values) * scale:.2f}..{max(values) * scale:.2f}"
+
+
+SERVER_ID = re.compile(r"^ +server (\S+) \S+ id (\d+) ", re.M)
+
+
+def config_server_ids(text, protocol):
+    """plan.server_ids' mapping as a config the worker wrote has it (one load balancer)."""
+    return {protocol: {name: int(number) for name, number in SERVER_ID.findall(text)}}
 
 
 def interleave(rounds, sides):
@@ -446,8 +457,16 @@ class Bench:
         before_message, after_message = node_change_messages(protocol, port, count, change)
         paths = []
         self.update(before_message)
+        before_config = self.worker.config.read_text()
         self.update(after_message)
         after_config = self.worker.config.read_text()   # what the worker writes for B, ids and all
+        # HAProxy's own share of the runtime path: the commands the worker's planner makes,
+        # with the server ids the worker wrote, sent over a bare socket (rows the planner
+        # takes at run time only).
+        lbs_a, lbs_b = models.parse_update(before_message), models.parse_update(after_message)
+        accepts = plans.Accepts.from_info(haproxy.show_info(self.worker.stats_socket))
+        forward, _ = plans.runtime_commands(lbs_a, lbs_b, accepts, config_server_ids(after_config, protocol))
+        backward, _ = plans.runtime_commands(lbs_b, lbs_a, accepts, config_server_ids(before_config, protocol))
 
         def worker_side():
             self.update(before_message)
@@ -463,20 +482,35 @@ class Bench:
             os.replace(staged, self.worker.config)
             return [haproxy.check_and_reload(self.worker.config, self.worker.master_socket)]
 
-        medians = interleave(rounds, {"worker": worker_side, "floor": floor_side})
+        def api_side():
+            self.update(before_message)   # HAProxy runs A (untimed)
+            seconds = haproxy.runtime_api(self.worker.stats_socket, forward)
+            haproxy.runtime_api(self.worker.stats_socket, backward)   # A again, as the worker knows it
+            return [seconds]
+
+        sides = {"worker": worker_side, "floor": floor_side}
+        if forward is not None and backward is not None:
+            sides["api"] = api_side
+        medians = interleave(rounds, sides)
         measured, floor = median(medians["worker"]), median(medians["floor"])
+        api = median(medians["api"]) if "api" in medians else None
         path = "/".join(sorted(set(paths)))
         target = RUNTIME_TARGET if path == "runtime" else RELOAD_TARGET
         changed = min(count, MAX_NODES - 1) if change in ("add", "remove") else count
-        self.add(Figure(f"UPDATE {change} {changed:,} {protocol} nodes ({path})", measured * 1e3, "ms",
+        alone = f", HAProxy alone {api / floor:.2f}x" if api is not None else ""
+        self.add(Figure(f"UPDATE {change} {changed:,} {protocol} nodes ({path}{alone})", measured * 1e3, "ms",
                         floor * 1e3, measured / floor, f"<= {target:g}x", judge(measured / floor, target),
                         f"{rounds} interleaved round(s); each round applies the config without the change "
                         f"(untimed), then times the UPDATE that makes it; path taken: {path} (same HAProxy "
                         f"worker before and after = runtime); floor: from HAProxy running the config without "
                         f"the change, `haproxy -c -f` + reload of the config the timed UPDATE writes; "
                         f"worker {spread(medians['worker'])} ms, floor "
-                        f"{spread(medians['floor'])} ms",
-                        {"worker_s": medians["worker"], "floor_s": medians["floor"], "paths": paths}))
+                        f"{spread(medians['floor'])} ms"
+                        + (f"; HAProxy alone: the planner's {len(forward)} runtime commands over a bare "
+                           f"socket, {spread(medians['api'])} ms ({api / floor:.2f}x the floor; the worker "
+                           f"{measured / api:.2f}x that)" if api is not None else ""),
+                        {"worker_s": medians["worker"], "floor_s": medians["floor"], "paths": paths,
+                         **({"api_s": medians["api"]} if api is not None else {})}))
 
     def runtime_under_load(self):
         """The third back-end added and removed RUNTIME_UPDATES times under the reload figure's load."""
