@@ -15,7 +15,7 @@ from libra_worker.settings import HaproxySettings
 
 SETTINGS = HaproxySettings()
 OLD_HAPROXY = Accepts()                      # 2.6: no `cookie` on `add server`
-NEW_HAPROXY = Accepts(dynamic_cookie=True, cheap_commands=True)   # 3.0
+NEW_HAPROXY = Accepts(dynamic_cookie=True, costs=plan.COSTS_3_0)   # 3.0
 MONITOR = {"type": "CONNECT", "delay": 7, "timeout": 3, "attempts": 4}
 
 
@@ -162,12 +162,13 @@ def test_ten_thousand_weights_make_one_runtime_plan():
     assert len(commands) == 10_000 and commands[-1] == "set server http_servers/n9999 weight 2"
 
 
-def test_past_max_slow_commands_an_older_haproxy_reloads():
-    """2.6's runtime commands cost more than its reload once every server has an id (measured)."""
-    old = lbs("TCP", [node(f"n{i}", port=1000 + i) for i in range(plan.MAX_SLOW_COMMANDS + 1)])
-    new = lbs("TCP", [node(f"n{i}", port=1000 + i, weight=2) for i in range(plan.MAX_SLOW_COMMANDS + 1)])
+def test_where_2_6s_commands_cost_more_than_its_reload_it_reloads():
+    """2.6 walks a backend's list for each `set server`: 10,000 weights reload there, not on 3.0."""
+    old = lbs("TCP", [node(f"n{i}", port=1000 + i) for i in range(10_000)])
+    new = lbs("TCP", [node(f"n{i}", port=1000 + i, weight=2) for i in range(10_000)])
     chosen = decide(old, new, OLD_HAPROXY)
-    assert chosen.kind == plan.RELOAD and "runtime commands on this HAProxy" in chosen.reason
+    assert chosen.kind == plan.RELOAD and "10000 runtime commands" in chosen.reason
+    assert "take longer than a reload" in chosen.reason
     assert decide(old, new, NEW_HAPROXY).kind == plan.RUNTIME
     # 1,000 nodes added (3,000 commands) still go at run time on 2.6
     assert decide(lbs("TCP", [node("anchor", port=1)]),
@@ -220,14 +221,16 @@ def test_a_host_name_moved_to_or_added():
 
 
 def test_thousands_of_nodes_added_to_a_big_backend_reload_faster():
-    """`add server` costs more the more servers the backend has: past MAX_ADD_WORK a reload wins."""
+    """3.0's `add server` costs more the more servers the backend has: there a reload wins."""
     anchor = [node("anchor", port=1)]
     many = [node(f"n{i}", port=1000 + i) for i in range(9_999)]
     assert decide(lbs("TCP", anchor), lbs("TCP", anchor + many[:1_000])).kind == plan.RUNTIME
     assert decide(lbs("TCP", many[:9_000]), lbs("TCP", many[:9_100])).kind == plan.RUNTIME
-    chosen = decide(lbs("TCP", anchor), lbs("TCP", anchor + many))
-    assert chosen.kind == plan.RELOAD and "9999 nodes are added" in chosen.reason
-    assert decide(lbs("TCP", many[:8_000]), lbs("TCP", many[:9_999])).kind == plan.RELOAD
+    for accepts in (OLD_HAPROXY, NEW_HAPROXY):
+        assert decide(lbs("TCP", anchor), lbs("TCP", anchor + many[:1_000]), accepts).kind == plan.RUNTIME
+    chosen = decide(lbs("TCP", anchor), lbs("TCP", anchor + many), NEW_HAPROXY)
+    assert chosen.kind == plan.RELOAD and "take longer than a reload" in chosen.reason
+    assert decide(lbs("TCP", many[:8_000]), lbs("TCP", many[:9_999]), NEW_HAPROXY).kind == plan.RELOAD
 
 
 def test_most_of_a_big_backend_removed_reloads_faster():
@@ -235,8 +238,9 @@ def test_most_of_a_big_backend_removed_reloads_faster():
     many = [node(f"n{i}", port=1000 + i) for i in range(9_999)]
     assert decide(lbs("TCP", anchor + many[:1_000]), lbs("TCP", anchor)).kind == plan.RUNTIME
     assert decide(lbs("TCP", many), lbs("TCP", many[:5_000]), NEW_HAPROXY).kind == plan.RUNTIME
-    chosen = decide(lbs("TCP", anchor + many), lbs("TCP", anchor))
-    assert chosen.kind == plan.RELOAD and "9999 of 10000 nodes are removed" in chosen.reason
+    for accepts in (OLD_HAPROXY, NEW_HAPROXY):
+        chosen = decide(lbs("TCP", anchor + many), lbs("TCP", anchor), accepts)
+        assert chosen.kind == plan.RELOAD and "take longer than a reload" in chosen.reason
 
 
 def test_a_hand_built_model_with_an_unsafe_value_is_refused_not_sent():
@@ -256,7 +260,24 @@ def test_a_hand_built_model_with_an_unsafe_value_is_refused_not_sent():
     ("Name: HAProxy\nVersion: 3.0.11-9e587df\n", True),
     ("Version: 3.2.0\n", True), ("Version: 2.9.9\n", False), ("no version here", False), ("", False)])
 def test_accepts_from_show_info(info, cookie):
-    assert Accepts.from_info(info) == Accepts(dynamic_cookie=cookie, cheap_commands=cookie)
+    assert Accepts.from_info(info) == Accepts(dynamic_cookie=cookie,
+                                              costs=plan.COSTS_3_0 if cookie else plan.COSTS_2_6)
+
+
+def test_the_cost_estimates_grow_as_measured():
+    """Per command, with the backend (2.6's lookups, 3.0's adds), and a reload with its servers."""
+    small = plan.runtime_cost(plan.COSTS_2_6, {"set_weight": 10}, 10, 0)
+    big = plan.runtime_cost(plan.COSTS_2_6, {"set_weight": 10}, 10_000, 0)
+    assert big > 5 * small
+    assert plan.runtime_cost(plan.COSTS_3_0, {"set_weight": 10}, 10_000, 0) == \
+        plan.runtime_cost(plan.COSTS_3_0, {"set_weight": 10}, 10, 0)
+    adds = {"add_server": 1_000, "enable_health": 1_000, "set_state": 1_000}
+    assert plan.runtime_cost(plan.COSTS_3_0, adds, 9_000, 1_000) > \
+        2 * plan.runtime_cost(plan.COSTS_3_0, adds, 0, 1_000)
+    few, many = lbs("TCP", [node("a")]), lbs("TCP", [node(f"n{i}", port=1000 + i) for i in range(10_000)])
+    for costs in (plan.COSTS_2_6, plan.COSTS_3_0):
+        assert plan.reload_cost(costs, few, few) < plan.reload_cost(costs, few, many) \
+            < plan.reload_cost(costs, many, many)
 
 
 # --------------------------------------------------------------------------

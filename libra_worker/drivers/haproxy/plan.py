@@ -10,9 +10,10 @@
              IP addresses, added and removed nodes.
 * RELOAD     anything else (`reason` says why): a load balancer's own
              settings, a backup flag, a host name, an HTTP node added to an
-             HAProxy that refuses `cookie` on dynamic servers, so many nodes
-             added or removed that a reload is faster, or a running state
-             the worker does not know for sure.
+             HAProxy that refuses `cookie` on dynamic servers, runtime
+             commands that would take longer than a reload (Costs: measured
+             per HAProxy series), or a running state the worker does not
+             know for sure.
 
 Pure: plain values in, a Plan out, no I/O.  apply.py carries a Plan out.
 """
@@ -24,28 +25,40 @@ from libra_worker.drivers.haproxy import render
 
 START, UNCHANGED, RUNTIME, RELOAD = "start", "unchanged", "runtime", "reload"
 
-# Past these, a reload is cheaper than the runtime API (measured on 2.6 and 3.0, 2 CPUs).
-# Every server names its id (server_ids), so neither `add server` nor the config
-# parser searches a backend for a free one: 9,999 adds to one backend take ~0.6 s
-# in HAProxy 3.0 (3 s without ids) and ~1.3-1.5 s through the worker, but
-# `haproxy -c` of 10,000 servers also fell from ~0.5 s to ~0.1 s, so a reload of
-# the whole config (~0.35 s) still wins there; 1,000 adds stay cheaper at run time.
-# Removing most of a big backend (maintenance, then `del server`) costs more than
-# reloading what is left (9,999 removes: 0.27-0.45 s at run time).
-MAX_ADD_WORK = 2_000_000  # nodes added × servers in the backend after
-REMOVE_SLACK = 1_000      # runtime while removed nodes <= this + the nodes that stay
-# HAProxy 2.6 spends 70-130 µs on each `set server` in a 10,000-server backend (3.0:
-# 30-40 µs): once every server reads its id, a reload of 10,000 servers (~0.3-0.6 s)
-# beats 10,000 runtime commands there (0.7-1.3 s); 3,000 commands at 1,000 nodes
-# still go faster at run time (0.2-0.9x the reload).  3.0 keeps the runtime path:
-# about the cost of a reload at 10,000 commands, with no new process.
-MAX_SLOW_COMMANDS = 5_000  # on an HAProxy without `cheap_commands`
+@dataclass(frozen=True)
+class Costs:
+    """What changing one HAProxy series costs, in microseconds (the worker's share included).
+
+    Measured with bench/run on 2 CPUs: the rows' "HAProxy alone" (the
+    planner's commands over a bare socket) for the commands, the reload
+    floor (`haproxy -c` + reload, the same transition) for the reload.
+    A RUNTIME plan is made only when its estimate is below the reload's.
+    """
+    command: dict          # per runtime command, by runtime.j2 macro, in a small backend
+    lookup: float          # per server in the backend, per command naming a server (2.6 walks a list)
+    add_walk: float        # per server in the backend, per `add server` (3.0 walks it for a duplicate name)
+    reload: float          # haproxy -c and a reload, whatever the size
+    reload_server: float   # per server of the new configuration (parsed twice: -c and the new process)
+    retire_server: float   # per server of the configuration that runs now (the old process's)
+
+
+# HAProxy 2.6: `set server` finds its server by walking the backend's list,
+# so a command costs more the bigger the backend (~30 µs at 10,000 servers);
+# `add server` does not look for duplicates that way.
+COSTS_2_6 = Costs(command={"add_server": 8, "enable_health": 3, "set_state": 10, "set_addr": 10,
+                           "set_weight": 6, "del_server": 8},
+                  lookup=0.01, add_walk=0.0, reload=50_000, reload_server=25, retire_server=3)
+# HAProxy 3.0: servers are found in a tree; `add server` walks the backend for
+# a duplicate name (9,999 adds to one backend: ~0.8 s); a state change is
+# logged by HAProxy (one line per server, through the worker's log sink).
+COSTS_3_0 = Costs(command={"add_server": 32, "enable_health": 4, "set_state": 14, "set_addr": 7,
+                           "set_weight": 5, "del_server": 10},
+                  lookup=0.0, add_walk=0.01, reload=58_000, reload_server=18, retire_server=3)
 
 # The first HAProxy series checked to accept `cookie` in `add server` (2.6 answers
 # "'cookie' option is not accepted for dynamic server"; 2.7-2.9 are not checked,
-# so they are treated as 2.6: an HTTP node added there reloads).
+# so they are treated as 2.6: an HTTP node added there reloads, and 2.6's costs apply).
 DYNAMIC_COOKIE_SINCE = (3, 0)
-CHEAP_COMMANDS_SINCE = (3, 0)  # measured on 2.6 and 3.0 only (MAX_SLOW_COMMANDS)
 _VERSION = re.compile(r"^Version:\s*(\d+)\.(\d+)", re.M)
 
 
@@ -53,7 +66,7 @@ _VERSION = re.compile(r"^Version:\s*(\d+)\.(\d+)", re.M)
 class Accepts:
     """What the running HAProxy takes at run time, beyond what every supported version does."""
     dynamic_cookie: bool = False  # `add server ... cookie <value>` (HTTP nodes)
-    cheap_commands: bool = False  # runtime commands cost about what a reload costs a server
+    costs: Costs = COSTS_2_6      # what its runtime commands and a reload cost
 
     @classmethod
     def from_info(cls, info_text):
@@ -61,9 +74,8 @@ class Accepts:
         match = _VERSION.search(info_text or "")
         if match is None:
             return cls()
-        version = (int(match.group(1)), int(match.group(2)))
-        return cls(dynamic_cookie=version >= DYNAMIC_COOKIE_SINCE,
-                   cheap_commands=version >= CHEAP_COMMANDS_SINCE)
+        newer = (int(match.group(1)), int(match.group(2))) >= DYNAMIC_COOKIE_SINCE
+        return cls(dynamic_cookie=newer, costs=COSTS_3_0 if newer else COSTS_2_6)
 
 
 @dataclass(frozen=True)
@@ -211,11 +223,22 @@ def _diff(old, new, accepts):
             changes.weighed.append(node)
     changes.removed.extend(before.values())  # in the running config, not in the new one
     render.checked_nodes(changed)  # runtime.j2 writes their values as they are
-    if len(changes.added) * len(new.nodes) > MAX_ADD_WORK:
-        return None, f"{len(changes.added)} nodes are added: a reload is faster"
-    if len(changes.removed) > REMOVE_SLACK + len(new.nodes):
-        return None, f"{len(changes.removed)} of {len(old.nodes)} nodes are removed: a reload is faster"
     return changes, ""
+
+
+def runtime_cost(costs, counts, before, added):
+    """µs the runtime commands take: `counts` {runtime.j2 macro: commands} for one backend
+    of `before` servers, to which `added` are added."""
+    named = sum(counts.values()) - counts.get("add_server", 0)
+    return (sum(costs.command[kind] * number for kind, number in counts.items())
+            + named * costs.lookup * (before + added)
+            + added * costs.add_walk * (before + added / 2))
+
+
+def reload_cost(costs, old_lbs, new_lbs):
+    """µs `haproxy -c` and a reload take, from what runs to what is asked."""
+    return (costs.reload + costs.reload_server * sum(len(lb.nodes) for lb in new_lbs)
+            + costs.retire_server * sum(len(lb.nodes) for lb in old_lbs))
 
 
 # The answer to a nudge does not matter: the `del server` after it is what is checked.
@@ -240,18 +263,21 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts(), ids=None):
         changes, reason = _diff(old, new, accepts)
         if changes is None:
             return None, reason
-        diffs.append(({**render.proxy_settings(new), "ids": ids[new.protocol]}, changes))
+        diffs.append(({**render.proxy_settings(new), "ids": ids[new.protocol]}, changes, len(old.nodes)))
     macros = render.environment().get_template("runtime.j2").module
-    commands = []
+    commands, cost, counts = [], 0.0, {}  # counts: {macro: commands} of the backend at hand
 
     def lines(kind, lb, nodes, *args):
         return [line for line in str(getattr(macros, kind)(lb, nodes, *args)).splitlines() if line]
 
     def add(kind, lb, nodes, *args):
         if nodes:
-            commands.extend(RuntimeCommand(line, _EXPECT[kind]) for line in lines(kind, lb, nodes, *args))
+            made = lines(kind, lb, nodes, *args)
+            commands.extend(RuntimeCommand(line, _EXPECT[kind]) for line in made)
+            counts[kind] = counts.get(kind, 0) + len(made)
 
-    for lb, changes in diffs:
+    for lb, changes, running in diffs:
+        counts.clear()
         # A dynamic server starts in maintenance: checks on, then ready (unless DISABLED:
         # its line says `disabled`, as in the config).
         add("add_server", lb, changes.added)
@@ -266,6 +292,10 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts(), ids=None):
             commands.extend(RuntimeCommand(line, _EXPECT["del_server"], _STILL_CONNECTED,
                                            tuple(moves[2 * index:2 * index + 2]))
                             for index, line in enumerate(lines("del_server", lb, changes.removed)))
-    if not accepts.cheap_commands and len(commands) > MAX_SLOW_COMMANDS:
-        return None, f"{len(commands)} runtime commands on this HAProxy: a reload is faster"
+            counts["del_server"] = len(changes.removed)
+        cost += runtime_cost(accepts.costs, counts, running, len(changes.added))
+    reload = reload_cost(accepts.costs, old_lbs, new_lbs)
+    if cost > reload:
+        return None, (f"{len(commands)} runtime commands (~{cost / 1000:.0f} ms) take longer "
+                      f"than a reload (~{reload / 1000:.0f} ms) here")
     return commands, ""
