@@ -276,6 +276,13 @@ def test_a_candidate_haproxy_refuses_changes_nothing(tmp_path, web):
             assert set(haproxy_processes(device.config)) == processes, "HAProxy was reloaded"
             wait_until(lambda: not socat_sessions(device.stats_socket), 5,
                        what="the stats session held during the check to be closed")
+        # The node stays and only a setting changes: its health is saved while the check
+        # runs, and a refused check must leave none of it for a later start.
+        kept = update(lb("HTTP", port, [node("old-node", old_web)], **RELOADING))
+        state_file = device.statsfile.parent / "haproxy.server-state"
+        reply = device.submit(kept)
+        assert reply["hpcs_response"] == "FAIL" and "wrapper refuses" in reply["hpcs_error"], reply
+        assert state_file.read_text() == "1\n", "health saved for a reload that never came"
         slow.set_reject(False)
         device.must_pass(new)
         assert backend_counts(port, 3) == {new_web.name: 3}

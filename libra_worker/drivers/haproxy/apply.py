@@ -170,7 +170,7 @@ class Executor:
             raise
         try:
             if running:
-                self._reload(held)
+                self._reload(held, saved=True)
             else:
                 self.ledger.carry(None)
                 self.service.start()
@@ -184,7 +184,8 @@ class Executor:
 
         `haproxy -c` is the long step, and it runs in a process of its own:
         meanwhile the worker backs up, stages and, before a reload, opens its
-        session on the old process, none of which changes what HAProxy serves.
+        session on the old process and saves node health, none of which
+        changes what HAProxy serves.
         """
         check = self.configs.start_check(candidate)
         held = None
@@ -192,6 +193,7 @@ class Executor:
             had_live = self.configs.prepare(candidate)
             if reloading:  # last: a process a reload just started answers only once it is ready
                 held = self.stats_socket.hold()
+                self._save_health(held, self.health)  # while the check runs (10,000 servers: ~30 ms)
             try:
                 check.verdict()
             except JobError:
@@ -204,6 +206,8 @@ class Executor:
             check.abandon()
             if held is not None:
                 held.close()
+            if reloading:  # no reload follows: no health may wait for a later start
+                server_state.clear(self.state_file)
             raise
         return had_live, held
 
@@ -222,16 +226,25 @@ class Executor:
                 LOG.info("the held stats session gave no counters: %s", error)
         self.ledger.carry(reading if reading is not None else self.snapshot_or_none())
 
-    def _reload(self, held, health=None):
+    def _save_health(self, held, health):
+        """Node health → the server-state file (`health`: running and wanted load balancers).
+
+        Through the held session when there is one: no socat to start for the dump.
+        """
+        running_lbs, wanted_lbs = health
+        server_state.save(self.stats_socket.ask if held is None else held.ask, self.state_file,
+                          running_lbs, wanted_lbs, render.backend_name)
+
+    def _reload(self, held, health=None, saved=False):
         """Reload; `held` keeps the old process alive until its last bytes are read.
 
         Node health goes to the new process through the server-state file
-        (`health`: running and wanted load balancers; default the plan's).
+        (`health`: running and wanted load balancers; default the plan's),
+        saved here unless `saved` (_install saves it while the check runs:
+        health as of the check, a fraction of a second before the reload).
         """
-        running_lbs, wanted_lbs = health or self.health
-        # Through the held session when there is one: no socat to start for the dump.
-        server_state.save(self.stats_socket.ask if held is None else held.ask, self.state_file,
-                          running_lbs, wanted_lbs, render.backend_name)
+        if not saved:
+            self._save_health(held, health or self.health)
         try:
             self.service.reload()
         except JobError:
