@@ -219,9 +219,10 @@ def test_stats_socket_waits_for_a_slow_answer(live, tmp_path):
     assert _summary(snapshot) == _summary(parse(text))
 
 
-def test_a_held_session_reads_long_answers_as_the_one_shot_query_does(tmp_path):
+def test_a_held_session_reads_long_answers_and_many_lines_at_once(tmp_path):
     """3,000 servers: `show servers state` (~200 kB, several reads) through the interactive
-    session is the one-shot socat answer, and the commands of one line come apart."""
+    session is the one-shot socat answer, the commands of one line come apart, and 60
+    lines written at once come back as 3,120 answers in order."""
     sock = tmp_path / "stats.sock"
     config = tmp_path / "haproxy.cfg"
     servers = "\n".join(f"    server s{index} 127.0.0.1:{20000 + index} id {index + 1}"
@@ -242,6 +243,17 @@ def test_a_held_session_reads_long_answers_as_the_one_shot_query_does(tmp_path):
             state, info, again = held.answers("show servers state;show info;show servers state big")
             assert state + "\n" == one_shot and again.count(" big ") == 3000
             assert "Pid:" in info and "Name: HAProxy" in info
+            # 6,000 commands in 60 lines (~250 kB, more than a pipe holds) written at once
+            lines = [";".join(f"set server big/s{index} weight {2 + index % 7}"
+                              for index in range(first, first + 50)) + ";show info;set server big/nope weight 2"
+                     for first in range(0, 3000, 50)]
+            answers = held.exchange(lines, 60 * 52)
+            assert len(answers) == 3120 and answers[50].startswith("Name: HAProxy")
+            assert all(text == "" for number, text in enumerate(answers) if number % 52 < 50)
+            assert all("No such server" in text for number, text in enumerate(answers) if number % 52 == 51)
+            weights = {fields[3]: fields[7] for fields in (line.split() for line in
+                                                           held.ask("show servers state big").splitlines()[2:])}
+            assert all(weights[f"s{index}"] == str(2 + index % 7) for index in range(3000))
         finally:
             held.close()
     finally:

@@ -25,7 +25,7 @@ from libra_worker.errors import CommandFailed, JobError, ServiceError
 LOG = logging.getLogger(__name__)
 
 RUNTIME_LINE_BYTES = 14000  # per stats-socket line: HAProxy reads one into tune.bufsize (16 kB)
-RUNTIME_LINE_TIMEOUT = 10.0
+RUNTIME_LINE_TIMEOUT = 10.0   # without an answer coming
 # A removed server's last request may still be finishing, and HAProxy 2.6 closes a
 # server's idle connections only just after it enters maintenance: `del server` is
 # tried again for this long before the UPDATE reloads instead.
@@ -86,15 +86,19 @@ class Executor:
 
     # -- runtime ---------------------------------------------------------------
     def _apply_at_runtime(self, commands):
-        """Send the commands, many per line of one stats session; RuntimeRefused at the first refusal."""
+        """Send the commands, many per line of one stats session; RuntimeRefused at a refusal.
+
+        Every line is written at once and the answers are read as they come:
+        HAProxy goes through 10,000 commands without waiting for the worker
+        between lines.  Commands after a refused one have run too; the reload
+        that follows a refusal replaces whatever they did.
+        """
         try:
             session = self.stats_socket.session()
         except ServiceError as error:
             raise RuntimeRefused(f"no stats session for the runtime change ({error})") from None
         try:
-            waiting = []
-            for batch in runtime_batches(commands):
-                waiting.extend(self._send(session, batch))
+            waiting = self._send(session, commands)
             deadline = time.monotonic() + REMOVE_WAIT
             while waiting:
                 if time.monotonic() > deadline:
@@ -104,19 +108,20 @@ class Executor:
                 for command in waiting:
                     retries.extend(plans.RuntimeCommand(line, plans.NUDGE_EXPECT) for line in command.nudge)
                     retries.append(command)
-                waiting = [again for batch in runtime_batches(retries) for again in self._send(session, batch)]
+                waiting = self._send(session, retries)
         finally:
             session.close()
 
     @staticmethod
-    def _send(session, batch):
-        """One line of commands → the commands to send again later ("not yet" answers)."""
+    def _send(session, commands):
+        """The commands, in lines of many → the commands to send again later ("not yet" answers)."""
+        lines = [";".join(command.line for command in batch) for batch in runtime_batches(commands)]
         try:
-            answers = session.answers(";".join(command.line for command in batch), RUNTIME_LINE_TIMEOUT)
+            answers = session.exchange(lines, len(commands), RUNTIME_LINE_TIMEOUT)
         except ServiceError as error:
-            raise RuntimeRefused(f"runtime change {batch[0].line!r}... failed ({error})") from None
+            raise RuntimeRefused(f"runtime change {commands[0].line!r}... failed ({error})") from None
         again = []
-        for command, text in zip(batch, answers):
+        for command, text in zip(commands, answers):
             if command.expect.match(text):
                 continue
             if command.retry is not None and command.retry.search(text):

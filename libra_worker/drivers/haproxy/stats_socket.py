@@ -232,6 +232,51 @@ class HeldSession:
             del self.pending[:end + len(PROMPT)]
         return answers
 
+    def exchange(self, lines, count, timeout=10.0):
+        """Lines of `;`-separated commands, all written at once → the `count` answers, in order.
+
+        Writing and reading go on together (the lines can be megabytes, more
+        than a pipe holds), so HAProxy works through them without waiting for
+        this process between lines; ServiceError when the session is gone or
+        the answers stop coming for `timeout` seconds.
+        """
+        data = memoryview(b"".join(line.encode() + b"\n" for line in lines))
+        sink, source = self.process.stdin.fileno(), self.process.stdout.fileno()
+        written, answers, searched = 0, [], 0
+        os.set_blocking(sink, False)
+        try:
+            deadline = time.monotonic() + timeout
+            while len(answers) < count:
+                left = deadline - time.monotonic()
+                writable = [sink] if written < len(data) else []
+                readable, ready, _ = select.select([source], writable, [], max(left, 0))
+                if not readable and not ready:
+                    raise ServiceError("the held stats session did not answer")
+                if ready:
+                    try:
+                        written += os.write(sink, data[written:written + 65536])
+                    except BlockingIOError:
+                        pass
+                    except OSError as error:
+                        raise ServiceError(f"the held stats session is closed: {error}") from None
+                if readable:
+                    chunk = os.read(source, 1 << 20)
+                    if not chunk:
+                        raise ServiceError("the held stats session was closed by HAProxy")
+                    self.pending += chunk
+                    deadline = time.monotonic() + timeout   # answers keep coming
+                    while len(answers) < count and (end := self.pending.find(PROMPT, searched)) >= 0:
+                        answers.append(self.pending[:end].decode("utf-8", "replace"))
+                        del self.pending[:end + len(PROMPT)]
+                        searched = 0
+                    searched = max(0, len(self.pending) - len(PROMPT) + 1)
+        finally:
+            try:
+                os.set_blocking(sink, True)
+            except OSError:
+                pass
+        return answers
+
     def snapshot(self):
         """A reading of the process this session is attached to."""
         reading = parse(self.ask(FRONTENDS_QUERY.strip()) + "\n")
