@@ -110,7 +110,8 @@ class JobLoop:
         # No cyclic garbage collection during a job: a 10,000-node UPDATE allocates
         # enough to set off several, one of them a full pass over everything alive
         # (15-20 ms measured), and a job makes next to no reference cycles.  The
-        # collector runs again once the reply is out.
+        # collector runs again, by its own thresholds, once the reply is out; no
+        # full pass is forced then either: the next job may be waiting.
         gc.disable()
         try:
             try:
@@ -135,7 +136,6 @@ class JobLoop:
             if handled >= TRIM_AFTER_BYTES:
                 self._wire.settle(SETTLE_LIMIT)
                 gc.enable()
-                gc.collect()
                 release_memory()
             else:
                 gc.enable()
