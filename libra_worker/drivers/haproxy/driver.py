@@ -115,8 +115,11 @@ class HAProxyDriver:
         known = running and self.applied is not None
         ids = plan.server_ids(load_balancers, self.applied_ids if known else None)
         text = render.render_config(load_balancers, self.settings, server_ids=ids)
+        # The live file is read only when it can matter: the same request again (a
+        # 10,000-node file is a megabyte).
+        same = known and tuple(self.applied) == tuple(load_balancers)
         applied = plan.Applied(running=running, load_balancers=self.applied if known else None,
-                               file_holds_config=known and self.configs.holds(text),
+                               file_holds_config=same and self.configs.holds(text),
                                server_ids=self.applied_ids if known else None)
         chosen = plan.plan_update(load_balancers, text, applied,
                                   self._accepts() if known else plan.Accepts(), ids)

@@ -83,7 +83,8 @@ class Applied:
     """What the device runs, as far as the worker knows it."""
     running: bool                           # an HAProxy answers
     load_balancers: Optional[tuple] = None  # what this worker applied to it, if it knows
-    file_holds_config: bool = False         # the live file is exactly the requested config
+    file_holds_config: bool = False         # the live file is exactly the requested config (read
+                                            # only when the request is what runs: all that uses it)
     server_ids: Optional[dict] = None       # server_ids() of what runs, with load_balancers
 
 
