@@ -80,22 +80,23 @@ def runtime_api(stats_socket, commands, timeout=30.0, retry_for=1.0):
     """HAProxy's own cost of a runtime change → seconds.
 
     `commands`: the worker's planner's RuntimeCommands (plan.runtime_commands),
-    in the worker's lines (many commands per line, apply.runtime_batches), all
-    written at once over a bare unix socket by a thread while the answers are
-    read in large chunks: no socat, no per-line round trip, as little of this
-    process's time in it as the wire allows.  Each answer is checked; a
-    `del server` answered "still has connections" is sent again, as the
-    worker does.
+    in the worker's lines (many commands per line, apply.runtime_batches, made
+    before the clock starts), all written at once over a bare unix socket by a
+    thread while the answers are read: no socat, no per-line round trip.  Each
+    answer is checked; a `del server` answered "still has connections" is
+    sent again, as the worker does.
     """
-    started = time.perf_counter()
+    lines = [";".join(c.line for c in batch) for batch in apply.runtime_batches(commands)]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(str(stats_socket))
         _exchange(sock, ["prompt"], 1)
-        waiting, deadline = list(commands), time.monotonic() + retry_for
+        started = time.perf_counter()   # from the first command on
+        waiting, deadline = commands, time.monotonic() + retry_for
         while waiting:
-            batches = list(apply.runtime_batches(waiting))
-            texts = _exchange(sock, [";".join(c.line for c in batch) for batch in batches], len(waiting))
+            if waiting is not commands:
+                lines = [";".join(c.line for c in batch) for batch in apply.runtime_batches(waiting)]
+            texts = _exchange(sock, lines, len(waiting))
             again = []
             for command, text in zip(waiting, texts):
                 if command.expect.match(text):
@@ -108,7 +109,7 @@ def runtime_api(stats_socket, commands, timeout=30.0, retry_for=1.0):
             if again:
                 time.sleep(0.02)
             waiting = again
-    return time.perf_counter() - started
+        return time.perf_counter() - started
 
 
 def _exchange(sock, lines, answers):
@@ -124,6 +125,5 @@ def _exchange(sock, lines, answers):
         tail = len(pending)
         pending += chunk
         seen += pending.count(PROMPT, max(0, tail - len(PROMPT) + 1))
-        time.sleep(0.0002)   # let answers gather: a recv per 3-byte prompt is this process's cost, not HAProxy's
     writer.join()
     return [part.decode() for part in bytes(pending).split(PROMPT)[:answers]]
