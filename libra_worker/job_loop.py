@@ -112,6 +112,7 @@ class JobLoop:
         # (15-20 ms measured), and a job makes next to no reference cycles.  The
         # collector runs again, by its own thresholds, once the reply is out; no
         # full pass is forced then either: the next job may be waiting.
+        collecting = gc.isenabled()
         gc.disable()
         try:
             try:
@@ -133,9 +134,11 @@ class JobLoop:
             if reachable:
                 self._wire.complete(job, reply)   # a send that fails is logged by the wire, once
         finally:
+            try:
+                if handled >= TRIM_AFTER_BYTES:
+                    self._wire.settle(SETTLE_LIMIT)
+            finally:
+                if collecting:
+                    gc.enable()
             if handled >= TRIM_AFTER_BYTES:
-                self._wire.settle(SETTLE_LIMIT)
-                gc.enable()
                 release_memory()
-            else:
-                gc.enable()

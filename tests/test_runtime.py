@@ -271,6 +271,30 @@ def test_a_refused_runtime_command_falls_back_to_a_reload(device, http_backend, 
     assert "reloading instead" in device.worker.log_text()
 
 
+def test_after_a_refused_add_no_node_leaves_service_before_the_reload(device, http_backend, tcp_backend):
+    """A plan that adds c and removes a: `add server c` is refused (c was added behind the
+    worker's back), so `a` must keep serving in the old process until the reload, which
+    then makes the new configuration (the removals go in a second exchange)."""
+    first, second, third = tcp_backend("r-a"), tcp_backend("r-b"), tcp_backend("r-c")
+    port = free_port()
+    device.must_pass(update(lb("TCP", port, [node("a", first), node("b", second)])))
+    c = node("c", third)
+    assert "New server registered" in unix_command(
+        device.stats_socket, f"add server tcp_servers/c {c['address']}:{c['port']} id 99")
+    pid, _ = proc_state(device)
+
+    device.must_pass(update(lb("TCP", port, [node("b", second), node("c", third)])))
+
+    assert last_update_path(device) == "reload" and proc_state(device)[0] != pid
+    assert "HAProxy refused 'add server tcp_servers/c" in device.worker.log_text()
+    assert set(servers_state(device, "tcp_servers")) == {"b", "c"}
+    # HAProxy writes each server state change to its output too: the old process's lines.
+    output = (device.master_socket.parent / (device.master_socket.name + ".log")).read_text()
+    old_lines = [line for line in output.splitlines() if f"({pid})" in line]
+    assert old_lines, output[-2000:]
+    assert not [line for line in old_lines if "tcp_servers/a" in line and "maintenance" in line], old_lines
+
+
 def test_stats_and_metrics_stay_exact_across_runtime_adds_and_removes(device, http_backend, tcp_backend):
     """A removed node's bytes are counted once: METRICS counts the frontend, which a runtime
     change does not reset; STATS lists exactly the nodes of the last UPDATE each time."""

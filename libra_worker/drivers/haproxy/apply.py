@@ -90,15 +90,20 @@ class Executor:
 
         Every line is written at once and the answers are read as they come:
         HAProxy goes through 10,000 commands without waiting for the worker
-        between lines.  Commands after a refused one have run too; the reload
-        that follows a refusal replaces whatever they did.
+        between lines.  Commands that take servers out of service go in a
+        second exchange, once every other answer was checked: after a refusal
+        (the reload that follows replaces whatever ran) no node has left.
         """
         try:
             session = self.stats_socket.session()
         except ServiceError as error:
             raise RuntimeRefused(f"no stats session for the runtime change ({error})") from None
         try:
-            waiting = self._send(session, commands)
+            waiting = []
+            for withdraws in (False, True):
+                group = [command for command in commands if command.withdraws is withdraws]
+                if group:
+                    waiting += self._send(session, group)
             deadline = time.monotonic() + REMOVE_WAIT
             while waiting:
                 if time.monotonic() > deadline:
@@ -119,7 +124,7 @@ class Executor:
         try:
             answers = session.exchange(lines, len(commands), RUNTIME_LINE_TIMEOUT)
         except ServiceError as error:
-            raise RuntimeRefused(f"runtime change {commands[0].line!r}... failed ({error})") from None
+            raise RuntimeRefused(f"the runtime change of {len(commands)} commands failed ({error})") from None
         again = []
         for command, text in zip(commands, answers):
             if command.expect.match(text):
@@ -198,7 +203,7 @@ class Executor:
             had_live = self.configs.prepare(candidate)
             if reloading:  # last: a process a reload just started answers only once it is ready
                 held = self.stats_socket.hold()
-                self._save_health(held, self.health)  # while the check runs (10,000 servers: ~30 ms)
+                self._save_health(self.health)  # while the check runs (10,000 servers: ~30 ms)
             try:
                 check.verdict()
             except JobError:
@@ -231,14 +236,16 @@ class Executor:
                 LOG.info("the held stats session gave no counters: %s", error)
         self.ledger.carry(reading if reading is not None else self.snapshot_or_none())
 
-    def _save_health(self, held, health):
+    def _save_health(self, health):
         """Node health → the server-state file (`health`: running and wanted load balancers).
 
-        Through the held session when there is one: no socat to start for the dump.
+        Through a socat of its own, not the held session: a dump of 10,000
+        servers that failed halfway must not cost the session the counters
+        of the old process.
         """
         running_lbs, wanted_lbs = health
-        server_state.save(self.stats_socket.ask if held is None else held.ask, self.state_file,
-                          running_lbs, wanted_lbs, render.backend_name)
+        server_state.save(self.stats_socket.ask, self.state_file, running_lbs, wanted_lbs,
+                          render.backend_name)
 
     def _reload(self, held, health=None, saved=False):
         """Reload; `held` keeps the old process alive until its last bytes are read.
@@ -249,7 +256,7 @@ class Executor:
         health as of the check, a fraction of a second before the reload).
         """
         if not saved:
-            self._save_health(held, health or self.health)
+            self._save_health(health or self.health)
         try:
             self.service.reload()
         except JobError:

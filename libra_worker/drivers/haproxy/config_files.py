@@ -7,6 +7,7 @@ both service modes: no cp/mv/rm through sudo), symlink-safe: see
 libra_worker.safe_files.  A link, FIFO or directory planted at the config,
 its `.NEW` or its `.BKUP` is refused with one line naming it.
 """
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ import tempfile
 
 from libra_worker import safe_files
 from libra_worker.errors import CommandFailed
+
+LOG = logging.getLogger(__name__)
 
 CONFIG_MODE = 0o644  # HAProxy (root in system mode, the worker in process mode) reads it
 CONFIG_DIR_MODE = 0o750
@@ -79,10 +82,14 @@ class ConfigStore:
         return candidate
 
     def discard(self, candidate):
+        """Remove a candidate from the private temp dir; a failure is only logged (it must
+        not cut short the swap it follows: a reload pending, node health saved)."""
         try:
             os.unlink(candidate)
         except FileNotFoundError:
             pass
+        except OSError as error:
+            LOG.warning("cannot remove the candidate %s: %s", candidate, error.strerror)
 
     def start_check(self, candidate):
         """`haproxy -c` of a candidate, started: it runs while the caller gets on with the swap."""

@@ -18,8 +18,9 @@
 Pure: plain values in, a Plan out, no I/O.  apply.py carries a Plan out.
 """
 import re
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, NamedTuple, Optional, Tuple
 
 from libra_worker.drivers.haproxy import render
 
@@ -27,33 +28,39 @@ START, UNCHANGED, RUNTIME, RELOAD = "start", "unchanged", "runtime", "reload"
 
 @dataclass(frozen=True)
 class Costs:
-    """What changing one HAProxy series costs, in microseconds (the worker's share included).
+    """What changing one HAProxy series costs, in microseconds.
 
-    Measured with bench/run on 2 CPUs: the rows' "HAProxy alone" (the
-    planner's commands over a bare socket) for the commands, the reload
-    floor (`haproxy -c` + reload, the same transition) for the reload.
-    A RUNTIME plan is made only when its estimate is below the reload's.
+    Measured with bench/run on 2 CPUs: the commands from the rows' "HAProxy
+    alone" (the planner's commands over a bare socket), plus what the worker
+    adds to a runtime change (its stats session, the config written); the
+    reload from the reload floor (`haproxy -c` + reload, the same
+    transition).  The per-node work both paths share (the request parsed,
+    the config rendered) is left out.  A RUNTIME plan is made only when its
+    estimate is below the reload's.
     """
-    command: dict          # per runtime command, by runtime.j2 macro, in a small backend
+    command: Mapping = field(hash=False)  # per runtime command, by runtime.j2 macro, small backend
     lookup: float          # per server in the backend, per command naming a server (2.6 walks a list)
     add_walk: float        # per server in the backend, per `add server` (3.0 walks it for a duplicate name)
+    session: float         # per runtime change: the stats session, the config staged, synced, renamed
     reload: float          # haproxy -c and a reload, whatever the size
     reload_server: float   # per server of the new configuration (parsed twice: -c and the new process)
     retire_server: float   # per server of the configuration that runs now (the old process's)
 
 
 # HAProxy 2.6: `set server` finds its server by walking the backend's list,
-# so a command costs more the bigger the backend (~30 µs at 10,000 servers);
-# `add server` does not look for duplicates that way.
-COSTS_2_6 = Costs(command={"add_server": 8, "enable_health": 3, "set_state": 10, "set_addr": 10,
-                           "set_weight": 6, "del_server": 8},
-                  lookup=0.01, add_walk=0.0, reload=50_000, reload_server=25, retire_server=3)
+# so a command costs more the bigger the backend (lookup × servers: ~100 µs
+# at 10,000); `add server` does not look for duplicates that way.
+COSTS_2_6 = Costs(command=MappingProxyType({"add_server": 8, "enable_health": 3, "set_state": 10,
+                                            "set_addr": 10, "set_weight": 6, "del_server": 8}),
+                  lookup=0.01, add_walk=0.0, session=4_000,
+                  reload=50_000, reload_server=25, retire_server=3)
 # HAProxy 3.0: servers are found in a tree; `add server` walks the backend for
 # a duplicate name (9,999 adds to one backend: ~0.8 s); a state change is
-# logged by HAProxy (one line per server, through the worker's log sink).
-COSTS_3_0 = Costs(command={"add_server": 32, "enable_health": 4, "set_state": 14, "set_addr": 7,
-                           "set_weight": 5, "del_server": 10},
-                  lookup=0.0, add_walk=0.01, reload=58_000, reload_server=18, retire_server=3)
+# logged by HAProxy twice (syslog to the worker's sink, and its output).
+COSTS_3_0 = Costs(command=MappingProxyType({"add_server": 32, "enable_health": 4, "set_state": 14,
+                                            "set_addr": 7, "set_weight": 5, "del_server": 10}),
+                  lookup=0.0, add_walk=0.01, session=4_000,
+                  reload=58_000, reload_server=18, retire_server=3)
 
 # The first HAProxy series checked to accept `cookie` in `add server` (2.6 answers
 # "'cookie' option is not accepted for dynamic server"; 2.7-2.9 are not checked,
@@ -122,6 +129,7 @@ class RuntimeCommand(NamedTuple):  # a tuple: a plan can hold 30,000 of them
     expect: re.Pattern   # what HAProxy answers when it worked
     retry: Optional[re.Pattern] = None  # an answer that means "not yet": send it again shortly
     nudge: Tuple[str, ...] = ()         # lines sent just before each retry
+    withdraws: bool = False  # takes a server out of service: sent once every other command is taken
 
 
 @dataclass(frozen=True)
@@ -266,15 +274,15 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts(), ids=None):
             return None, reason
         diffs.append(({**render.proxy_settings(new), "ids": ids[new.protocol]}, changes, len(old.nodes)))
     macros = render.environment().get_template("runtime.j2").module
-    commands, cost, counts = [], 0.0, {}  # counts: {macro: commands} of the backend at hand
+    commands, cost, counts = [], accepts.costs.session, {}  # counts: {macro: commands} of one backend
 
     def lines(kind, lb, nodes, *args):
         return [line for line in str(getattr(macros, kind)(lb, nodes, *args)).splitlines() if line]
 
-    def add(kind, lb, nodes, *args):
+    def add(kind, lb, nodes, *args, withdraws=False):
         if nodes:
             made = lines(kind, lb, nodes, *args)
-            commands.extend(RuntimeCommand(line, _EXPECT[kind]) for line in made)
+            commands.extend(RuntimeCommand(line, _EXPECT[kind], withdraws=withdraws) for line in made)
             counts[kind] = counts.get(kind, 0) + len(made)
 
     for lb, changes, running in diffs:
@@ -287,11 +295,13 @@ def runtime_commands(old_lbs, new_lbs, accepts=Accepts(), ids=None):
         add("set_addr", lb, changes.moved)
         add("set_weight", lb, changes.weighed)
         add("set_state", lb, changes.enabled, "ready")
-        add("set_state", lb, changes.disabled + changes.removed, "maint")
+        # Last, and only once everything above was taken (apply.py): nothing leaves
+        # service while a refused command may still turn the plan into a reload.
+        add("set_state", lb, changes.disabled + changes.removed, "maint", withdraws=True)
         if changes.removed:
             moves = lines("move_aside", lb, changes.removed)
             commands.extend(RuntimeCommand(line, _EXPECT["del_server"], _STILL_CONNECTED,
-                                           tuple(moves[2 * index:2 * index + 2]))
+                                           tuple(moves[2 * index:2 * index + 2]), withdraws=True)
                             for index, line in enumerate(lines("del_server", lb, changes.removed)))
             counts["del_server"] = len(changes.removed)
         cost += runtime_cost(accepts.costs, counts, running, len(changes.added))

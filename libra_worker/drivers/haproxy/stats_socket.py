@@ -3,6 +3,7 @@
 The CSV is parsed by its header names, never by column numbers, so HAProxy
 versions that add columns keep working.
 """
+import contextlib
 import csv
 import logging
 import os
@@ -201,6 +202,9 @@ class HeldSession:
         self.process = process
         self.pending = bytearray()  # read and not yet handed out (an answer can be megabytes)
         self.generation = None  # of the process it is attached to, once read
+        # Set by the first failure: an answer that came too late would be taken for the
+        # next command's, so the session is never asked anything again.
+        self.broken = None
 
     def ask(self, command, timeout=5.0):
         """One command → its answer (without the prompt); ServiceError when the session is gone."""
@@ -209,6 +213,20 @@ class HeldSession:
 
     def answers(self, command, timeout=5.0):
         """One line of `;`-separated commands → [the answer to each]; ServiceError when gone."""
+        with self._failing_for_good():
+            return self._answers(command, timeout)
+
+    @contextlib.contextmanager
+    def _failing_for_good(self):
+        if self.broken is not None:
+            raise ServiceError(f"the held stats session failed before: {self.broken}")
+        try:
+            yield
+        except ServiceError as error:
+            self.broken = str(error)
+            raise
+
+    def _answers(self, command, timeout):
         try:
             self.process.stdin.write(command.encode() + b"\n")
             self.process.stdin.flush()
@@ -240,6 +258,10 @@ class HeldSession:
         this process between lines; ServiceError when the session is gone or
         the answers stop coming for `timeout` seconds.
         """
+        with self._failing_for_good():
+            return self._exchange(lines, count, timeout)
+
+    def _exchange(self, lines, count, timeout):
         data = memoryview(b"".join(line.encode() + b"\n" for line in lines))
         sink, source = self.process.stdin.fileno(), self.process.stdout.fileno()
         written, answers, searched = 0, [], 0
@@ -251,18 +273,21 @@ class HeldSession:
                 writable = [sink] if written < len(data) else []
                 readable, ready, _ = select.select([source], writable, [], max(left, 0))
                 if not readable and not ready:
-                    raise ServiceError("the held stats session did not answer")
+                    raise ServiceError(f"the held stats session did not answer "
+                                       f"(after {len(answers)} of {count} answers)")
                 if ready:
                     try:
                         written += os.write(sink, data[written:written + 65536])
                     except BlockingIOError:
                         pass
                     except OSError as error:
-                        raise ServiceError(f"the held stats session is closed: {error}") from None
+                        raise ServiceError(f"the held stats session is closed: {error} "
+                                           f"(after {len(answers)} of {count} answers)") from None
                 if readable:
                     chunk = os.read(source, 1 << 20)
                     if not chunk:
-                        raise ServiceError("the held stats session was closed by HAProxy")
+                        raise ServiceError(f"the held stats session was closed by HAProxy "
+                                           f"(after {len(answers)} of {count} answers)")
                     self.pending += chunk
                     deadline = time.monotonic() + timeout   # answers keep coming
                     while len(answers) < count and (end := self.pending.find(PROMPT, searched)) >= 0:
