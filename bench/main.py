@@ -409,6 +409,24 @@ class Bench:
     def current_worker(self):
         return haproxy.current_worker(haproxy.show_proc(self.worker.master_socket))
 
+    def only_worker(self, timeout=10.0):
+        """Wait until the workers of earlier reloads are gone (no old process busy beside
+        a timed step) → the one HAProxy worker."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = haproxy.show_proc(self.worker.master_socket)
+            if state is not None and len(state.workers) == 1:
+                return state.workers[0][0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"old HAProxy workers still running after {timeout:g}s")
+            time.sleep(0.01)
+
+    def install_config(self, text):
+        """The live config file := text (atomically), behind the worker's back."""
+        staged = self.worker.config.with_name("bench-floor.cfg")
+        staged.write_text(text)
+        os.replace(staged, self.worker.config)
+
     def update_figure(self, nodes, rounds):
         """UPDATE round trips (A) interleaved with haproxy -c + reload of the config they wrote (B).
 
@@ -473,20 +491,23 @@ class Bench:
 
         def worker_side():
             self.update(before_message)
-            before = self.current_worker()
+            before = self.only_worker()
             seconds = self.update(after_message)
             paths.append("runtime" if self.current_worker() == before else "reload")
             return [seconds]
 
         def floor_side():
-            self.update(before_message)   # HAProxy runs A (the worker's next A reloads: the file holds B)
-            staged = self.worker.config.with_name("bench-floor.cfg")
-            staged.write_text(after_config)
-            os.replace(staged, self.worker.config)
-            return [haproxy.check_and_reload(self.worker.config, self.worker.master_socket)]
+            self.update(before_message)   # HAProxy runs A
+            self.only_worker()
+            self.install_config(after_config)
+            seconds = haproxy.check_and_reload(self.worker.config, self.worker.master_socket)
+            self.install_config(before_config)   # A again, as the worker knows it: every side starts alike
+            haproxy.check_and_reload(self.worker.config, self.worker.master_socket)
+            return [seconds]
 
         def api_side():
             self.update(before_message)   # HAProxy runs A (untimed)
+            self.only_worker()
             seconds = haproxy.runtime_api(self.worker.stats_socket, forward)
             haproxy.runtime_api(self.worker.stats_socket, backward)   # A again, as the worker knows it
             return [seconds]

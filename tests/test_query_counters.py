@@ -254,6 +254,13 @@ def test_a_held_session_reads_long_answers_and_many_lines_at_once(tmp_path):
             weights = {fields[3]: fields[7] for fields in (line.split() for line in
                                                            held.ask("show servers state big").splitlines()[2:])}
             assert all(weights[f"s{index}"] == str(2 + index % 7) for index in range(3000))
+            # An answer given up on would come in as the next one's: the session is done.
+            with pytest.raises(ServiceError, match="did not answer"):
+                held.ask("show servers state", timeout=1e-6)
+            with pytest.raises(ServiceError, match="failed before"):
+                held.ask("show info")
+            with pytest.raises(ServiceError, match="failed before"):
+                held.exchange(["show info"], 1)
         finally:
             held.close()
     finally:
