@@ -3,7 +3,9 @@
 Every fixture starts its servers on 127.0.0.1, on free ports, in the
 test's tmp_path, and stops them at teardown.
 """
+import collections
 import itertools
+import os
 
 import pytest
 
@@ -17,6 +19,19 @@ from support.worker import WorkerProcess
 def pytest_configure(config):
     # gear 0.16 still calls Condition.notifyAll(); not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:notifyAll:DeprecationWarning:gear")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which tests ran, file by file, on which HAProxy: scripts/test's stages split the suite."""
+    where = os.environ.get("LIBRA_TEST_STAGE") or f"HAProxy {os.environ.get('LIBRA_TEST_HAPROXY', '/usr/sbin/haproxy')}"
+    counts = collections.defaultdict(collections.Counter)
+    for outcome in ("passed", "failed", "error", "skipped", "xfailed", "xpassed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", "call") == "call" or outcome in ("error", "skipped"):
+                counts[report.nodeid.split("::")[0]][outcome] += 1
+    terminalreporter.section(f"ran on: {where}")
+    for path in sorted(counts):
+        terminalreporter.write_line(f"{path}: " + ", ".join(f"{n} {o}" for o, n in sorted(counts[path].items())))
 
 
 @pytest.fixture

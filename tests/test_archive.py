@@ -209,6 +209,7 @@ def test_http_and_tcp_archives_hold_exactly_their_lines(tmp_path, swift, contain
 # Object names
 # --------------------------------------------------------------------------
 
+@pytest.mark.no_haproxy
 def test_hostile_lb_ids_become_safe_object_names(worker, gear_client, swift, container):
     process = worker(extra_ini=worker_ini())
     rnd = random.Random(6)
@@ -227,6 +228,7 @@ def test_hostile_lb_ids_become_safe_object_names(worker, gear_client, swift, con
     assert sorted(name.partition("/")[0] for name in names) == sorted(expected.values())
 
 
+@pytest.mark.no_haproxy
 def test_safe_id_rules():
     assert archive.safe_id("lb-1.a_B") == "lb-1.a_B"
     assert archive.safe_id("../x") == "___x"
@@ -253,6 +255,7 @@ def logged_worker(worker):
     return process
 
 
+@pytest.mark.no_haproxy
 def test_wrong_token_fails_naming_the_401(logged_worker, gear_client, swift, container):
     wrong = "AUTH_tk" + "0" * 32
     error = must_fail(gear_client, logged_worker, archive_request(swift, container, "1", token=wrong))
@@ -261,6 +264,7 @@ def test_wrong_token_fails_naming_the_401(logged_worker, gear_client, swift, con
     assert not container_exists(swift, container), "nothing may be created with a refused token"
 
 
+@pytest.mark.no_haproxy
 def test_swift_stopped_fails_at_once(logged_worker, gear_client, swift, container):
     message = archive_request(swift, container, "1")
     swift.stop()
@@ -275,6 +279,7 @@ def test_swift_stopped_fails_at_once(logged_worker, gear_client, swift, containe
     assert not container_exists(swift, container)
 
 
+@pytest.mark.no_haproxy
 def test_swift_not_answering_fails_within_the_timeout(logged_worker, gear_client, swift, container):
     swift.pause("proxy")
     try:
@@ -287,6 +292,7 @@ def test_swift_not_answering_fails_within_the_timeout(logged_worker, gear_client
     assert f"did not answer within {SWIFT_TIMEOUT}s" in error, error
 
 
+@pytest.mark.no_haproxy
 def test_swift_5xx_fails_naming_the_status(logged_worker, gear_client, swift, container):
     swift.stop_server("object")
     try:
@@ -297,6 +303,7 @@ def test_swift_5xx_fails_naming_the_status(logged_worker, gear_client, swift, co
     assert objects(swift, container) == []
 
 
+@pytest.mark.no_haproxy
 def test_checksum_mismatch_is_caught_by_swift(tmp_path, swift, container):
     body = gzip.compress(b"a line\n")
     path = tmp_path / "object.gz"
@@ -315,6 +322,7 @@ def test_checksum_mismatch_is_caught_by_swift(tmp_path, swift, container):
 # No log
 # --------------------------------------------------------------------------
 
+@pytest.mark.no_haproxy
 def test_no_log_fails(worker, gear_client, swift, container):
     process = worker(extra_ini=worker_ini())
     logfile = haproxy_log(process)
@@ -338,6 +346,7 @@ def test_no_log_fails(worker, gear_client, swift, container):
 # Malformed requests
 # --------------------------------------------------------------------------
 
+@pytest.mark.no_haproxy
 def test_missing_fields_are_each_named(worker, gear_client, swift, container):
     process = worker(extra_ini=worker_ini())
     complete = archive_request(swift, container, "1")
@@ -370,6 +379,7 @@ def test_missing_fields_are_each_named(worker, gear_client, swift, container):
     ({"hpcs_object_store_token": "tok\r\nX-Evil: 1"}, "hpcs_object_store_token: must be 1-8192 visible"),
     ({"hpcs_object_store_token": 7}, "hpcs_object_store_token: must be a string"),
 ])
+@pytest.mark.no_haproxy
 def test_bad_values_are_refused_before_anything_is_read(changes, expected):
     message = dict({"hpcs_object_store_type": "swift", "hpcs_object_store_basepath": "c",
                     "hpcs_object_store_endpoint": "http://127.0.0.1:1/v1/AUTH_x",
@@ -381,6 +391,7 @@ def test_bad_values_are_refused_before_anything_is_read(changes, expected):
     assert "Evil" not in str(caught.value)
 
 
+@pytest.mark.no_haproxy
 def test_store_type_other_than_swift_fails(worker, gear_client, swift, container):
     process = worker(extra_ini=worker_ini())
     rnd = random.Random(3)
@@ -397,6 +408,7 @@ def test_store_type_other_than_swift_fails(worker, gear_client, swift, container
 # The token
 # --------------------------------------------------------------------------
 
+@pytest.mark.no_haproxy
 def test_token_never_appears_in_the_debug_log(worker, gear_client, swift, container):
     process = worker(extra_ini=worker_ini(), args=["--debug"])
     rnd = random.Random(4)
@@ -421,6 +433,7 @@ def test_token_never_appears_in_the_debug_log(worker, gear_client, swift, contai
             assert piece not in logged, f"the worker's log shows {piece!r}"
 
 
+@pytest.mark.no_haproxy
 def test_swiftclient_logging_never_shows_the_token(swift, container, tmp_path):
     """Even with swiftclient's logger at DEBUG (the worker keeps it at WARNING)."""
     records = []
@@ -484,6 +497,7 @@ def write_big_log(path, size):
     return written, expected.hexdigest()
 
 
+@pytest.mark.no_haproxy
 def test_200mb_log_is_archived_with_flat_memory(worker, gear_client, swift, container):
     process = worker(extra_ini=worker_ini(job_timeout=60))
     try:
@@ -544,11 +558,13 @@ HAPROXY_LINES = [   # as HAProxy 2.6 sent them to a unix socket (after the sink)
 
 
 @pytest.mark.parametrize("line, owner", HAPROXY_LINES)
+@pytest.mark.no_haproxy
 def test_line_selection(line, owner):
     for protocol in ("HTTP", "TCP", "GALERA"):
         assert archive.LineSelector(protocol)(line + b"\n") == (protocol == owner), protocol
 
 
+@pytest.mark.no_haproxy
 def test_log_sink_appends_reopens_and_refuses_a_live_socket(tmp_path):
     sock_path, logfile = tmp_path / "log.sock", tmp_path / "haproxy.log"
     assert logsink.for_settings(HaproxySettings(service="process", log_target="/dev/log")) is None

@@ -16,6 +16,9 @@ from support.recorder import RequestLineRecorder
 from support.worker import unique_name
 from test_archive import haproxy_log, http_line, tcp_line, worker_ini
 
+# scripts/test runs these once, where HAProxy cannot run (scripts/without-haproxy).
+pytestmark = pytest.mark.no_haproxy
+
 TOKEN = "AUTH_tk" + "7" * 32
 SWIFT_TIMEOUT = 3
 

@@ -14,6 +14,9 @@ from support.gearworker import RecordingWorker
 from support.ports import free_port
 from support.worker import CLIENT_SCRIPT, PYTHON, unique_name
 
+# scripts/test runs these once, where HAProxy cannot run (scripts/without-haproxy).
+pytestmark = pytest.mark.no_haproxy
+
 
 def run_client(*args, timeout=20):
     started = time.monotonic()

@@ -12,6 +12,9 @@ import libra_worker
 from support.ports import free_port
 from support.worker import WorkerProcess, run_worker, unique_name, write_config
 
+# scripts/test runs these once, where HAProxy cannot run (scripts/without-haproxy).
+pytestmark = pytest.mark.no_haproxy
+
 # (ini overrides, extra command-line args, words the error line must contain)
 INVALID = {
     "servers port not a number": ({"gearman": {"servers": "127.0.0.1:notaport"}}, [],

@@ -9,8 +9,13 @@ is registered on the restarted server again within reconnect_sleep + 10 s.
 """
 import time
 
+import pytest
+
 from support.client import GearClient
 from support.gearmand import Gearmand
+
+# scripts/test runs these once, where HAProxy cannot run (scripts/without-haproxy).
+pytestmark = pytest.mark.no_haproxy
 
 WORKERS = 4
 CYCLES = 4

@@ -598,6 +598,7 @@ def run_in_process(local, payload):
 # Found by this test: a PASS echoed the request's own status fields.
 @example(payload=b'{"hpcs_action": "DELETE", "hpcs_error": true}')
 @example(payload=b'{"hpcs_action": "DISCOVER", "badRequest": {"code": "400"}, "hpcs_response": "FAIL"}')
+@pytest.mark.no_haproxy
 def test_in_process_arbitrary_payloads_get_a_well_formed_reply(local, payload):
     run_in_process(local, payload)
 
@@ -610,6 +611,7 @@ def _in_process_bases():
 
 @settings(FUZZ, max_examples=IN_PROCESS_MUTATED)
 @given(data=st.data())
+@pytest.mark.no_haproxy
 def test_in_process_mutated_updates_fail_cleanly_or_render_only_template_lines(local, data):
     message = _finish(data.draw(mutated(_in_process_bases(), closed_port=1)))
     run_in_process(local, encode(message))

@@ -238,6 +238,7 @@ def test_only_servers_the_new_configuration_keeps_unchanged_carry_their_state():
     assert [line.split()[3] for line in kept.splitlines()[2:]] == ["same"], kept
 
 
+@pytest.mark.no_haproxy
 def test_can_carry_says_whether_any_server_keeps_its_health_before_haproxy_is_asked():
     """No server that runs now as it will (id, address, port, weight, condition, probe): no dump."""
     from libra_worker.drivers.haproxy import server_state

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 
-from support.haproxy_version import DYNAMIC_COOKIE
+from support.haproxy_version import dynamic_cookie
 from support.ports import free_port
 from support.traffic import unix_command
 
@@ -401,7 +401,7 @@ def test_nodes_added_and_removed_at_run_time_under_load_drop_nothing(device, htt
     assert keepalive.outcomes["failed"] == 0 and keepalive.outcomes["non_2xx"] == 0, keepalive.failures[:5]
     assert keepalive.total > 2 * keepalive.connections
     assert len(paths) == RUNTIME_UPDATES
-    if DYNAMIC_COOKIE:
+    if dynamic_cookie():
         assert paths == ["runtime"] * RUNTIME_UPDATES, paths
         assert workers == {first_worker}, f"HAProxy workers across the UPDATEs: {workers}"
     else:

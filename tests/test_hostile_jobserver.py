@@ -129,11 +129,13 @@ EXPECTED = {
 }
 
 
+@pytest.mark.no_haproxy
 def test_every_behaviour_has_an_expectation():
     assert sorted(EXPECTED) == BEHAVIOURS
 
 
 @pytest.mark.parametrize("behaviour", sorted(set(BEHAVIOURS) - {"accept_close", "foreign_job"}))
+@pytest.mark.no_haproxy
 def test_hostile_server_next_to_a_real_one(worker, gearmand, behaviour):
     name = f"hostile-{behaviour}-{free_port()}"
     rcvbuf = 4096 if behaviour == "never_reads" else None
@@ -147,6 +149,7 @@ def test_hostile_server_next_to_a_real_one(worker, gearmand, behaviour):
         assert_sigterm_exits_0(process)
 
 
+@pytest.mark.no_haproxy
 def test_accept_then_close_is_retried_with_backoff(worker, gearmand):
     window = 40.0
     with HostileJobServer("accept_close") as hostile:

@@ -13,6 +13,9 @@ from libra_worker.drivers.haproxy.plan import Accepts, Applied, plan_update, ser
 from libra_worker.models import Monitor, Options, parse_update
 from libra_worker.settings import HaproxySettings
 
+# scripts/test runs these once, where HAProxy cannot run (scripts/without-haproxy).
+pytestmark = pytest.mark.no_haproxy
+
 SETTINGS = HaproxySettings()
 OLD_HAPROXY = Accepts()                      # 2.6: no `cookie` on `add server`
 NEW_HAPROXY = Accepts(dynamic_cookie=True, costs=plan.COSTS_3_0)   # 3.0

@@ -90,6 +90,7 @@ def _visudo(text, tmp_path, name):
         f"visudo: {check.stdout} {check.stderr}"
 
 
+@pytest.mark.no_haproxy
 def test_shipped_sudoers_grants_nothing(tmp_path):
     """service = process, the packaged default, runs nothing as root: the file grants nothing."""
     _visudo(SUDOERS.read_text(), tmp_path, "shipped")
@@ -97,6 +98,7 @@ def test_shipped_sudoers_grants_nothing(tmp_path):
     assert privileged_argvs(HaproxySettings()) == [] and HaproxySettings().service == "process"
 
 
+@pytest.mark.no_haproxy
 def test_system_mode_rule_is_exactly_what_system_mode_runs(tmp_path):
     text = system_mode_text()
     _visudo(text, tmp_path, "system")
@@ -112,6 +114,7 @@ def test_system_mode_rule_is_exactly_what_system_mode_runs(tmp_path):
         "README.rst does not show the system-mode sudo rule as the file has it"
 
 
+@pytest.mark.no_haproxy
 def test_every_service_action_the_worker_runs_is_granted():
     """service = system runs `service haproxy <action>`: each action it can run is in the rule."""
     rules = parse_sudoers(system_mode_text())["haproxy"]
@@ -328,6 +331,7 @@ BAD_COMMANDS = {
 }
 
 
+@pytest.mark.no_haproxy
 def test_the_source_checks_catch_what_they_look_for():
     for label, code in BAD_EXAMPLES.items():
         assert shell_problems([(label, ast.parse(code))]), f"the shell check misses {label}"
@@ -339,11 +343,13 @@ def test_the_source_checks_catch_what_they_look_for():
     assert string_commands([("good", ast.parse(good))]) == (2, [])
 
 
+@pytest.mark.no_haproxy
 def test_no_shell_no_eval_no_os_system():
     problems = shell_problems(_sources())
     assert not problems, problems
 
 
+@pytest.mark.no_haproxy
 def test_every_command_is_an_argument_list():
     """Each process started (subprocess.*, Commands.run/privileged) gets a list, never a string."""
     checked, problems = string_commands(_sources())
@@ -351,6 +357,7 @@ def test_every_command_is_an_argument_list():
     assert not problems, problems
 
 
+@pytest.mark.no_haproxy
 def test_privileged_command_paths_are_absolute():
     for name in ("SUDO", "SERVICE"):
         assert os.path.isabs(getattr(commands_module, name)), name
@@ -479,6 +486,7 @@ def test_system_mode_config_drops_to_haproxy_in_a_chroot_and_process_mode_does_n
         assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.no_haproxy
 def test_system_mode_refuses_a_pid_file_the_worker_could_aim(tmp_path):
     from libra_worker import preflight
     worker_dir = tmp_path / "run"

@@ -167,6 +167,7 @@ def test_parse_does_not_name_a_generation_by_uptime(live):
     "Pid: 12\n\n# pxname,svname,status,bout\nhttp,FRONTEND,OPEN,1\n",       # no end of answer
     "# pxname,svname,status,bout\nhttp,FRONTEND,OPEN,1\n\n",                # no show info
 ])
+@pytest.mark.no_haproxy
 def test_parse_rejects_garbage_with_a_service_error(text):
     with pytest.raises(ServiceError) as error:
         parse(text)
@@ -187,6 +188,7 @@ def test_parse_never_accepts_an_answer_cut_short(live):
     parse(text)
 
 
+@pytest.mark.no_haproxy
 def test_node_status_is_up_when_haproxy_routes_to_it():
     # "UP 1/3": up, a failed check counting toward down; HAProxy still routes to it.
     for status in ("UP", "UP 1/3", "UP 2/3", " UP 1/2 "):
@@ -196,6 +198,7 @@ def test_node_status_is_up_when_haproxy_routes_to_it():
         assert node_status(status) == "DOWN", status
 
 
+@pytest.mark.no_haproxy
 def test_stats_socket_fails_clearly_when_missing_or_refusing(tmp_path):
     missing = StatsSocket(SOCAT, str(tmp_path / "none.sock"), Commands(sudo=False))
     with pytest.raises(ServiceError, match="not running"):
@@ -288,6 +291,7 @@ def statsfile(tmp_path):
     return str(tmp_path / "lib" / "haproxy.stats")
 
 
+@pytest.mark.no_haproxy
 def test_report_counts_each_byte_once_within_a_generation(statsfile):
     ledger = Ledger(Statsfile(statsfile))
     assert bytes_of(ledger.report(snap(10, http=100, tcp=5))) == {"http": 100, "tcp": 5}
@@ -296,6 +300,7 @@ def test_report_counts_each_byte_once_within_a_generation(statsfile):
     assert bytes_of(ledger.report(None)) == {}
 
 
+@pytest.mark.no_haproxy
 def test_carry_folds_a_generation_in_before_a_reload(statsfile, caplog):
     ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=100))
@@ -309,6 +314,7 @@ def test_carry_folds_a_generation_in_before_a_reload(statsfile, caplog):
     assert "behind" not in caplog.text, "restarts the worker did were taken for crashes"
 
 
+@pytest.mark.no_haproxy
 def test_restart_behind_the_workers_back_is_logged_and_counted_from_zero(statsfile, caplog):
     ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=1000))
@@ -322,6 +328,7 @@ def test_restart_behind_the_workers_back_is_logged_and_counted_from_zero(statsfi
     assert "behind the worker's back" in caplog.text
 
 
+@pytest.mark.no_haproxy
 def test_counters_below_their_baseline_are_never_negative(statsfile):
     ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=5000, tcp=70))
@@ -331,6 +338,7 @@ def test_counters_below_their_baseline_are_never_negative(statsfile):
     assert bytes_of(ledger.report(None)) == {"http": 100}
 
 
+@pytest.mark.no_haproxy
 def test_a_late_answer_from_a_replaced_process_is_not_counted_again(statsfile):
     ledger = Ledger(Statsfile(statsfile))
     ledger.carry(snap(10, http=500))
@@ -339,6 +347,7 @@ def test_a_late_answer_from_a_replaced_process_is_not_counted_again(statsfile):
     assert bytes_of(ledger.report(snap(11, http=25))) == {"http": 5}
 
 
+@pytest.mark.no_haproxy
 def test_a_carry_with_a_late_answer_is_not_taken_for_a_crash(statsfile, caplog):
     ledger = Ledger(Statsfile(statsfile))
     ledger.carry(snap(10, http=500))
@@ -349,6 +358,7 @@ def test_a_carry_with_a_late_answer_is_not_taken_for_a_crash(statsfile, caplog):
     assert bytes_of(ledger.report(snap(12, http=4))) == {"http": 4}
 
 
+@pytest.mark.no_haproxy
 def test_a_reading_missing_a_frontend_does_not_reset_its_baseline(statsfile):
     ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=900, tcp=400))
@@ -356,6 +366,7 @@ def test_a_reading_missing_a_frontend_does_not_reset_its_baseline(statsfile):
     assert bytes_of(ledger.report(snap(10, http=950, tcp=410))) == {"http": 0, "tcp": 10}
 
 
+@pytest.mark.no_haproxy
 def test_the_ledger_survives_a_new_worker(statsfile):
     first = Ledger(Statsfile(statsfile))
     first.report(snap(10, http=100))
@@ -367,6 +378,7 @@ def test_the_ledger_survives_a_new_worker(statsfile):
     assert report.utc_start == window
 
 
+@pytest.mark.no_haproxy
 def test_windows_follow_each_other_even_when_the_clock_goes_back(statsfile):
     ledger = Ledger(Statsfile(statsfile))
     first = ledger.report(None)
@@ -377,6 +389,7 @@ def test_windows_follow_each_other_even_when_the_clock_goes_back(statsfile):
     assert report.utc_end >= report.utc_start
 
 
+@pytest.mark.no_haproxy
 def test_reset_forgets_the_old_load_balancer(statsfile):
     shared = Statsfile(statsfile)
     ledger, lifecycle = Ledger(shared), Lifecycle(shared)
@@ -388,6 +401,7 @@ def test_reset_forgets_the_old_load_balancer(statsfile):
     assert bytes_of(ledger.report(None)) == {}
 
 
+@pytest.mark.no_haproxy
 def test_save_is_atomic_private_and_leaves_no_temp_file(statsfile):
     ledger = Ledger(Statsfile(statsfile))
     for count in range(1, 30):
@@ -399,6 +413,7 @@ def test_save_is_atomic_private_and_leaves_no_temp_file(statsfile):
     assert Ledger(Statsfile(statsfile)).state["baseline"] == {"HTTP": 290}
 
 
+@pytest.mark.no_haproxy
 def test_a_report_that_cannot_be_saved_fails_and_moves_nothing(statsfile, caplog):
     ledger = Ledger(Statsfile(statsfile))
     ledger.report(snap(10, http=0))
@@ -420,6 +435,7 @@ def test_a_report_that_cannot_be_saved_fails_and_moves_nothing(statsfile, caplog
     assert [name for name in os.listdir(os.path.dirname(statsfile)) if name != "haproxy.stats"] == []
 
 
+@pytest.mark.no_haproxy
 def test_galera_is_billed_as_tcp_and_summed_with_it():
     assert billing_rows({"HTTP": 3, "TCP": 4, "GALERA": 5}) == [("http", 3), ("tcp", 9)]
     assert billing_rows({"GALERA": 7}) == [("tcp", 7)]
@@ -441,6 +457,7 @@ CORRUPT = [
 
 
 @pytest.mark.parametrize("content", CORRUPT, ids=range(len(CORRUPT)))
+@pytest.mark.no_haproxy
 def test_a_corrupt_statsfile_is_moved_aside_and_counting_starts_afresh(statsfile, content, caplog):
     """Afresh from the next reading of the process already running; a new process counts whole."""
     os.makedirs(os.path.dirname(statsfile))
@@ -460,6 +477,7 @@ def test_a_corrupt_statsfile_is_moved_aside_and_counting_starts_afresh(statsfile
     assert bytes_of(ledger.report(snap(10, http=20))) == {"http": 9}
 
 
+@pytest.mark.no_haproxy
 def test_two_corrupt_statsfiles_in_one_second_are_both_kept(statsfile):
     os.makedirs(os.path.dirname(statsfile))
     for content in (b"first garbage", b"second garbage"):
@@ -472,6 +490,7 @@ def test_two_corrupt_statsfiles_in_one_second_are_both_kept(statsfile):
     assert kept == [b"first garbage", b"second garbage"]
 
 
+@pytest.mark.no_haproxy
 def test_a_ledger_written_before_retired_generations_still_loads(statsfile):
     """A statsfile from before `retired` existed is a valid ledger, not a corrupt one."""
     os.makedirs(os.path.dirname(statsfile))
@@ -485,6 +504,7 @@ def test_a_ledger_written_before_retired_generations_still_loads(statsfile):
     assert bytes_of(ledger.report(snap(10, http=130))) == {"http": 42}
 
 
+@pytest.mark.no_haproxy
 def test_after_a_corrupt_statsfile_a_process_started_afresh_counts_whole(statsfile):
     os.makedirs(os.path.dirname(statsfile))
     with open(statsfile, "wb") as stream:
@@ -494,6 +514,7 @@ def test_after_a_corrupt_statsfile_a_process_started_afresh_counts_whole(statsfi
     assert bytes_of(ledger.report(snap(10, http=11))) == {"http": 11}
 
 
+@pytest.mark.no_haproxy
 def test_a_statsfile_from_before_the_split_loads_in_both_parts(statsfile):
     """One file still holds the lifecycle state and the bytes; the old code's file loads whole."""
     os.makedirs(os.path.dirname(statsfile))

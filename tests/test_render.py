@@ -107,6 +107,7 @@ def server_lines(text):
 # --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.no_haproxy
 def test_rendered_config_matches_expected_file(name):
     with open(os.path.join(DATA, name), encoding="utf-8") as stream:
         expected = stream.read()
@@ -136,6 +137,7 @@ def test_haproxy_check_rejects_a_broken_config(tmp_path):
 @pytest.mark.parametrize("protocol, frontend, backend", [
     ("HTTP", "http", "http_servers"), ("TCP", "tcp", "tcp_servers"),
     ("GALERA", "galera", "galera_servers")])
+@pytest.mark.no_haproxy
 def test_names(protocol, frontend, backend):
     assert frontend_name(protocol) == frontend
     assert backend_name(protocol) == backend
@@ -145,6 +147,7 @@ def test_names(protocol, frontend, backend):
     assert f"    default_backend {backend}\n" in text
 
 
+@pytest.mark.no_haproxy
 def test_unknown_protocol_name_is_an_error():
     with pytest.raises(ValueError):
         frontend_name("UDP")
@@ -159,6 +162,7 @@ def lb(protocol="HTTP", nodes=None, monitor=None, options=Options(), port=18080)
                         nodes=tuple(nodes), monitor=monitor, options=options)
 
 
+@pytest.mark.no_haproxy
 def test_user_and_group_only_when_given():
     plain = render_config((lb(),), SETTINGS)
     assert "    user " not in plain and "    group " not in plain
@@ -168,6 +172,7 @@ def test_user_and_group_only_when_given():
     assert "    user haproxy\n" in only_user and "    group " not in only_user
 
 
+@pytest.mark.no_haproxy
 def test_global_section_carries_the_settings():
     settings = HaproxySettings(pidfile="/tmp/x/h.pid", stats_socket="/tmp/x/s.sock",
                                log_target="127.0.0.1:514")
@@ -178,6 +183,7 @@ def test_global_section_carries_the_settings():
     assert "    hard-stop-after 30s\n" in text
 
 
+@pytest.mark.no_haproxy
 def test_without_monitor_servers_get_a_default_tcp_check():
     text = render_config((lb(),), SETTINGS)
     assert server_lines(text) == [
@@ -185,6 +191,7 @@ def test_without_monitor_servers_get_a_default_tcp_check():
     assert "httpchk" not in text and "timeout check 5s\n" in text  # defaults only
 
 
+@pytest.mark.no_haproxy
 def test_connect_monitor_has_no_http_check():
     mon = Monitor(type="CONNECT", delay=7, timeout=3, attempts=4, path="/ignored")
     text = render_config((lb("TCP", monitor=mon),), SETTINGS)
@@ -219,6 +226,7 @@ def test_ipv6_bind_address_and_stickiness_key(tmp_path):
     Node("n1", "127.0.0.1", 80, enabled="no"),
     Node(7, "127.0.0.1", 80),
 ])
+@pytest.mark.no_haproxy
 @pytest.mark.parametrize("among", [0, 1, 2, 3])
 def test_hand_built_models_with_unsafe_values_are_refused(node, among):
     """Alone, or first, in the middle or last of good nodes (render checks them in bulk)."""
@@ -228,6 +236,7 @@ def test_hand_built_models_with_unsafe_values_are_refused(node, among):
         render_config((lb(nodes=nodes),), SETTINGS)
 
 
+@pytest.mark.no_haproxy
 def test_hand_built_monitor_path_with_a_newline_is_refused():
     mon = Monitor(type="HTTP", delay=5, timeout=5, attempts=2, path="/\nlisten evil")
     with pytest.raises(ValueError):
@@ -237,12 +246,14 @@ def test_hand_built_monitor_path_with_a_newline_is_refused():
 @pytest.mark.parametrize("option, value", [
     ("pidfile", "/run/a b.pid"), ("stats_socket", "/run/s.sock\nlisten x"),
     ("log_target", "/dev/log #"), ("bind_address", "")])
+@pytest.mark.no_haproxy
 def test_unsafe_settings_are_refused(option, value):
     with pytest.raises(ConfigError) as caught:
         render_config((lb(),), dataclasses.replace(SETTINGS, **{option: value}))
     assert option in str(caught.value)
 
 
+@pytest.mark.no_haproxy
 def test_unsafe_user_is_refused():
     with pytest.raises(ValueError):
         render_config((lb(),), SETTINGS, user="root\n    daemon")
@@ -255,6 +266,7 @@ NASTY = st.text(alphabet=st.sampled_from(list("ab/.:-_#{}\"'\\ \t\n\r%$;1") + ["
 
 @hypothesis_settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(field=st.sampled_from(["id", "address", "path"]), value=NASTY)
+@pytest.mark.no_haproxy
 def test_no_string_from_a_job_adds_a_line(field, value):
     message = {"loadBalancers": [dict(HTTP_WITH_MONITOR["loadBalancers"][0])]}
     lb_raw = message["loadBalancers"][0]
@@ -315,6 +327,7 @@ def test_ten_thousand_nodes(tmp_path):
     assert code == 0, output[:2000]
 
 
+@pytest.mark.no_haproxy
 def test_environment_is_cached():
     assert render.environment() is render.environment()
     assert render.environment().undefined is jinja2.StrictUndefined

@@ -8,7 +8,7 @@ it would run, so the next reload changes nothing.
 import collections
 import re
 
-from support.haproxy_version import DYNAMIC_COOKIE
+from support.haproxy_version import dynamic_cookie
 from support.ports import free_port
 from support.traffic import (FAST_CONNECT_MONITOR, SlowRequest, backend_counts, http_get, lb, node, tcp_banner,
                              unix_command, update, wait_until)
@@ -159,8 +159,8 @@ def test_http_node_added_and_removed(device, http_backend, tcp_backend):
 
     device.must_pass(update(lb("HTTP", port, [node("a", first), node("b", second)],
                                monitor=FAST_CONNECT_MONITOR)))
-    assert last_update_path(device) == ("runtime" if DYNAMIC_COOKIE else "reload")
-    assert (proc_state(device) == before) == DYNAMIC_COOKIE
+    assert last_update_path(device) == ("runtime" if dynamic_cookie() else "reload")
+    assert (proc_state(device) == before) == dynamic_cookie()
     wait_until(lambda: set(backend_counts(port, 6)) == {"h-a", "h-b"}, 5, what="both nodes serving")
     # The added node's persistence cookie works like the configured one's.
     assert backend_counts(port, 6, headers={"Cookie": "SERVERID=b"}) == {"h-b": 6}
@@ -178,7 +178,7 @@ def test_http_node_added_and_removed(device, http_backend, tcp_backend):
 def test_the_next_reload_changes_nothing(device, http_backend, tcp_backend):
     """After runtime changes of every kind, a reload of the file on disk runs the same servers."""
     web = [http_backend(f"n-{i}") for i in range(4)]
-    protocol = "HTTP" if DYNAMIC_COOKIE else "TCP"   # 2.6 adds HTTP nodes by reloading
+    protocol = "HTTP" if dynamic_cookie() else "TCP"   # 2.6 adds HTTP nodes by reloading
     backend = f"{protocol.lower()}_servers"
     port = free_port()
     device.must_pass(update(lb(protocol, port, [node("a", web[0]), node("b", web[1]), node("c", web[2])],
@@ -320,7 +320,7 @@ def test_stats_and_metrics_stay_exact_across_runtime_adds_and_removes(device, ht
     metrics()                                   # the window starts here
 
     apply([node("h1", web[0]), node("h2", web[1])], [node("t1", tcp[0]), node("t2", tcp[1])])
-    assert last_update_path(device) == ("runtime" if DYNAMIC_COOKIE else "reload")
+    assert last_update_path(device) == ("runtime" if dynamic_cookie() else "reload")
     assert statuses() == ["h1", "h2", "t1", "t2"]
     after_add = proc_state(device)
     # Traffic through the nodes about to go: h2 (its cookie) and t2 (the TCP LB sticks to one).
@@ -347,5 +347,5 @@ def test_stats_and_metrics_stay_exact_across_runtime_adds_and_removes(device, ht
     assert report.get("TCP") == sent_tcp, report
     again = metrics()
     assert again.get("HTTP") < HEADER_SLACK and again.get("TCP") == 0, f"counted twice: {again}"
-    if DYNAMIC_COOKIE:
+    if dynamic_cookie():
         assert proc_state(device) == before, "a runtime change reloaded HAProxy"

@@ -78,6 +78,7 @@ def _odd_things(directory):
     return things
 
 
+@pytest.mark.no_haproxy
 def test_odd_files_are_refused_at_once_by_every_operation(tmp_path, canary):
     things = _odd_things(tmp_path)
     os.unlink(things["a symbolic link"])
@@ -102,6 +103,7 @@ def test_odd_files_are_refused_at_once_by_every_operation(tmp_path, canary):
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")], "a temp file was left"
 
 
+@pytest.mark.no_haproxy
 def test_a_hard_link_to_another_file_is_refused(tmp_path, canary):
     link = tmp_path / "hard"
     os.link(canary, link)
@@ -110,6 +112,7 @@ def test_a_hard_link_to_another_file_is_refused(tmp_path, canary):
     assert canary.unchanged()
 
 
+@pytest.mark.no_haproxy
 def test_write_atomic_replaces_by_rename_with_the_mode_and_owner_set_on_the_descriptor(tmp_path):
     path = tmp_path / "file"
     path.write_bytes(b"old")
@@ -279,6 +282,7 @@ def _fifo_config(tmp_path, gearmand):
     return config, fifo
 
 
+@pytest.mark.no_haproxy
 def test_a_fifo_statsfile_is_refused_at_start_within_10s(tmp_path, gearmand):
     config, fifo = _fifo_config(tmp_path, gearmand)
     started = time.monotonic()
@@ -291,6 +295,7 @@ def test_a_fifo_statsfile_is_refused_at_start_within_10s(tmp_path, gearmand):
 
 
 @pytest.mark.parametrize("odd", ["directory", "symlink"])
+@pytest.mark.no_haproxy
 def test_a_directory_or_link_at_the_statsfile_is_refused_at_start(tmp_path, gearmand, odd, canary):
     config = tmp_path / "worker.ini"
     write_config(config, tmp_path, [gearmand], name=f"odd-{os.getpid()}")

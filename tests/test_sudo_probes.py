@@ -38,8 +38,10 @@ OLD_RULES = ("Cmnd_Alias LIBRA_WORKER_FILES = /bin/cp, /bin/mv, /bin/rm\n"
              "%haproxy ALL = (root) NOPASSWD: LIBRA_WORKER_FILES, LIBRA_WORKER_STATS\n")
 REFUSED = ("a password is required", "is not allowed", "not allowed to", "sorry")
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="SUDO PROBES SKIPPED: they need root "
-                                "(a mount namespace, runuser, setpriv); run pytest as root (CI does)")
+# scripts/test runs these once, where HAProxy cannot run (scripts/without-haproxy).
+pytestmark = [pytest.mark.no_haproxy,
+              pytest.mark.skipif(os.geteuid() != 0, reason="SUDO PROBES SKIPPED: they need root "
+                                "(a mount namespace, runuser, setpriv); run pytest as root (CI does)")]
 
 # Who tries: the worker's user, and a member of its group that is not that user.
 IDENTITIES = {

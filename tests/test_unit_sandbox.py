@@ -251,6 +251,7 @@ def _assert_sandboxed(pid, what):
         raise AssertionError(f"{what}: no / in its mountinfo")
 
 
+@pytest.mark.no_haproxy
 def test_setpriv_follows_the_unit():
     service = read_unit()
     argv = setpriv_argv(service)
@@ -371,6 +372,7 @@ def test_a_worker_restart_under_load_loses_no_request(device_dir, gearmand):
             backend.stop()
 
 
+@pytest.mark.no_haproxy
 def test_unit_exposure_score():
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -386,6 +388,7 @@ def test_unit_exposure_score():
     assert not complaints, complaints
 
 
+@pytest.mark.no_haproxy
 def test_every_packaged_path_is_writable_under_the_unit():
     """ProtectSystem=strict: each file the packaged config names lies in a ReadWritePaths entry
     that the unit creates for haproxy (RuntimeDirectory=, StateDirectory=, LogsDirectory=)."""

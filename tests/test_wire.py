@@ -7,6 +7,9 @@ from libra_worker.wire import packets, tls
 from libra_worker.wire.backoff import Backoff
 from libra_worker.wire.packets import ProtocolError, Reader, encode
 
+# scripts/test runs these once, where HAProxy cannot run (scripts/without-haproxy).
+pytestmark = pytest.mark.no_haproxy
+
 
 def res(kind, *arguments):
     return encode(kind, *arguments, magic=packets.RES)

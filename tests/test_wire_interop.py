@@ -80,6 +80,7 @@ def job_line(process, unique, timeout=5):
 
 # --- independent clients → the worker -----------------------------------------------
 
+@pytest.mark.no_haproxy
 def test_libgearman_client_with_a_unique_id(worker, gearmand):
     process = worker()
     unique = unique_name("cli")
@@ -89,6 +90,7 @@ def test_libgearman_client_with_a_unique_id(worker, gearmand):
     assert len(lines) == 1 and "DISCOVER PASS" in lines[0], lines
 
 
+@pytest.mark.no_haproxy
 def test_perl_client_with_a_unique_id(worker, gearmand, tmp_path):
     process = worker()
     unique = unique_name("perl")
@@ -97,6 +99,7 @@ def test_perl_client_with_a_unique_id(worker, gearmand, tmp_path):
     assert len(job_line(process, unique)) == 1
 
 
+@pytest.mark.no_haproxy
 def test_gearadmin_sees_the_worker_registered_with_its_client_id(worker, gearmand):
     process = worker()
     host, _, port = gearmand.address.rpartition(":")
@@ -110,6 +113,7 @@ def test_gearadmin_sees_the_worker_registered_with_its_client_id(worker, gearman
                for line in status.splitlines() if "\t" in line), status
 
 
+@pytest.mark.no_haproxy
 def test_several_job_servers_each_serve_through_every_implementation(worker, gearmand, tmp_path):
     with Gearmand(tmp_path / "second") as second:
         process = worker(servers=[gearmand, second])
@@ -121,6 +125,7 @@ def test_several_job_servers_each_serve_through_every_implementation(worker, gea
                 assert client.submit(process.name, {"hpcs_action": "DISCOVER"}, 10)["hpcs_response"] == "PASS"
 
 
+@pytest.mark.no_haproxy
 def test_a_job_server_restart(worker, gearmand):
     process = worker(extra_ini={"gearman": {"reconnect_sleep": 2}})
     gearmand.restart()
@@ -195,6 +200,7 @@ def run_client(*args):
                           text=True, timeout=30, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.no_haproxy
 def test_client_against_a_perl_worker_with_work_status(gearmand, perl_worker):
     request = {"hpcs_action": "DISCOVER", "hpcs_response": "PASS", "from": "perl"}
     result = run_client("-s", gearmand.address, "--name", perl_worker, "--timeout", 10, "--json",
@@ -203,11 +209,13 @@ def test_client_against_a_perl_worker_with_work_status(gearmand, perl_worker):
     assert json.loads(result.stdout) == request
 
 
+@pytest.mark.no_haproxy
 def test_client_reports_work_fail_from_a_perl_worker(gearmand, perl_worker):
     result = run_client("-s", gearmand.address, "--name", f"{perl_worker}-fail", "--timeout", 10, "DISCOVER")
     assert result.returncode == 2 and "WORK_FAIL" in result.stderr, (result.stdout, result.stderr)
 
 
+@pytest.mark.no_haproxy
 def test_client_against_a_libgearman_worker(gearmand):
     name = unique_name("cliw")
     worker = subprocess.Popen([GEARMAN, "-w", "-h", "127.0.0.1", "-p", str(gearmand.port),
@@ -227,6 +235,7 @@ def test_client_against_a_libgearman_worker(gearmand):
         worker.wait(5)
 
 
+@pytest.mark.no_haproxy
 def test_client_gathers_work_data_from_a_gear_worker(gearmand):
     """WORK_DATA partial results and an empty WORK_COMPLETE: the reply is the data."""
     from support.gearworker import _Worker
@@ -255,6 +264,7 @@ def test_client_gathers_work_data_from_a_gear_worker(gearmand):
         worker.shutdown()
 
 
+@pytest.mark.no_haproxy
 def test_echo_probes_on_an_idle_connection_leave_it_awake_for_new_jobs(worker, gearmand):
     """ECHO_REQ probes on a sleeping connection: gearmand still wakes the worker (NOOP) for a job."""
     process = worker(extra_ini={"gearman": {"probe_interval": 1}})
@@ -266,6 +276,7 @@ def test_echo_probes_on_an_idle_connection_leave_it_awake_for_new_jobs(worker, g
     assert "ECHO" not in process.log_text(), "a probe was not answered"
 
 
+@pytest.mark.no_haproxy
 def test_back_to_back_jobs_do_not_wait_on_nagle(worker, gearmand):
     """TCP_NODELAY: without it each reply + next grab waits ~40 ms on Nagle and delayed ACK."""
     process = worker()
@@ -279,6 +290,7 @@ def test_back_to_back_jobs_do_not_wait_on_nagle(worker, gearmand):
     assert times[len(times) // 2] < 0.02, f"median round trip {times[len(times) // 2] * 1e3:.1f} ms"
 
 
+@pytest.mark.no_haproxy
 def test_tcp_keepalive_when_configured(worker, gearmand):
     process = worker(extra_ini={"gearman": {"keepalive": "true", "keepidle": 600}})
     deadline = time.monotonic() + 10
@@ -292,6 +304,7 @@ def test_tcp_keepalive_when_configured(worker, gearmand):
         time.sleep(0.2)
 
 
+@pytest.mark.no_haproxy
 def test_settle_sends_a_large_reply_before_the_job_loop_goes_on(gearmand):
     """A reply larger than the socket takes at once is all out once settle() returns.
 

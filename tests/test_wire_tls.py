@@ -46,6 +46,7 @@ def tls_ini(pki, key=None):
                         "ssl_ca": pki["ca"].cert, "reconnect_sleep": 2, "timeout": 3}}
 
 
+@pytest.mark.no_haproxy
 def test_good_certificates_serve_through_the_tls_front(tmp_path, gearmand, worker, pki):
     with TlsFront(tmp_path, gearmand.address, pki["server"], pki["ca"]) as front:
         process = worker(servers=[front.address], extra_ini=tls_ini(pki), wait=False)
@@ -56,6 +57,7 @@ def test_good_certificates_serve_through_the_tls_front(tmp_path, gearmand, worke
         assert process.stop() == 0
 
 
+@pytest.mark.no_haproxy
 def test_a_server_certificate_for_another_name_is_refused_and_says_why(tmp_path, gearmand, worker, pki):
     with TlsFront(tmp_path, gearmand.address, pki["other"], pki["ca"]) as front:
         process = worker(servers=[front.address], extra_ini=tls_ini(pki), wait=False)
@@ -70,6 +72,7 @@ def test_a_server_certificate_for_another_name_is_refused_and_says_why(tmp_path,
         assert process.stop() == 0
 
 
+@pytest.mark.no_haproxy
 def test_a_key_that_does_not_match_fails_check_and_start_naming_ssl_key(tmp_path, gearmand, pki):
     config = tmp_path / "worker.ini"
     write_config(config, tmp_path, [gearmand], unique_name(), tls_ini(pki, key=pki["other"].key))

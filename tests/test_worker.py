@@ -17,6 +17,9 @@ from support.gearmand import Gearmand
 from support.ports import free_port
 from support.worker import WorkerProcess, unique_name
 
+# scripts/test runs these once, where HAProxy cannot run (scripts/without-haproxy).
+pytestmark = pytest.mark.no_haproxy
+
 TIMEOUT = 10  # seconds for one job; a healthy worker answers in milliseconds
 
 

@@ -1,4 +1,5 @@
 """The HAProxy the tests run (env LIBRA_TEST_HAPROXY) and what its version can do."""
+import functools
 import os
 import re
 import subprocess
@@ -14,5 +15,11 @@ def version(binary=HAPROXY):
     return int(match.group(1)), int(match.group(2))
 
 
-# HAProxy 3.0 accepts `cookie` on `add server` (an HTTP node added at run time); 2.6 refuses it.
-DYNAMIC_COOKIE = version() >= (3, 0)
+@functools.lru_cache(maxsize=None)
+def dynamic_cookie():
+    """HAProxy 3.0 accepts `cookie` on `add server` (an HTTP node added at run time); 2.6 refuses it.
+
+    Asked when a test needs it, not at import: collecting the suite runs no HAProxy
+    (scripts/test collects every module where HAProxy is a poison).
+    """
+    return version() >= (3, 0)
