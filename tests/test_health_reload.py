@@ -10,6 +10,8 @@ server states before each reload (server-state file).
 Run on each HAProxy series: LIBRA_TEST_HAPROXY=/opt/haproxy-other/sbin/haproxy.
 """
 import csv
+
+import pytest
 import time
 
 from support.backends import HttpBackend, TcpEchoBackend
