@@ -10,9 +10,9 @@ server states before each reload (server-state file).
 Run on each HAProxy series: LIBRA_TEST_HAPROXY=/opt/haproxy-other/sbin/haproxy.
 """
 import csv
+import time
 
 import pytest
-import time
 
 from support.backends import HttpBackend, TcpEchoBackend
 from support.metrics_helpers import info
