@@ -13,6 +13,7 @@ from support import swift as swift_support
 from support.backends import HttpBackend, TcpEchoBackend
 from support.client import GearClient
 from support.gearmand import Gearmand
+from support.traffic import stop_haproxy
 from support.worker import WorkerProcess
 
 
@@ -84,6 +85,8 @@ def worker(tmp_path, gearmand):
     yield start
     for process in started:
         process.stop()
+        # The worker leaves the HAProxy it started serving when it stops (on purpose): stop it here.
+        stop_haproxy(process.sections["worker:haproxy"]["config"])
 
 
 def _backend_factory(kind, prefix):
