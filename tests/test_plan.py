@@ -267,12 +267,12 @@ def test_accepts_from_show_info(info, cookie):
                                               costs=plan.COSTS_3_0 if cookie else plan.COSTS_2_6)
 
 
-def test_ten_thousand_state_changes_reload_on_3_0_a_thousand_do_not():
-    """3.0 logs every state change (measured 1.2-1.6x the reload at 10,000 at run time)."""
-    for count, kind in ((10_000, plan.RELOAD), (1_000, plan.RUNTIME)):
-        old = lbs("TCP", [node(f"n{i}", port=1000 + i) for i in range(count)])
-        new = lbs("TCP", [node(f"n{i}", port=1000 + i, condition="DISABLED") for i in range(count)])
-        assert decide(old, new, NEW_HAPROXY).kind == kind, count
+def test_ten_thousand_state_changes_stay_at_run_time_on_3_0_and_reload_on_2_6():
+    """A tie on 3.0 (both paths measured 1.2-1.8x the floor) goes to the runtime path."""
+    old = lbs("TCP", [node(f"n{i}", port=1000 + i) for i in range(10_000)])
+    new = lbs("TCP", [node(f"n{i}", port=1000 + i, condition="DISABLED") for i in range(10_000)])
+    assert decide(old, new, NEW_HAPROXY).kind == plan.RUNTIME
+    assert decide(old, new, OLD_HAPROXY).kind == plan.RELOAD
 
 
 def test_the_cost_estimates_grow_as_measured():
