@@ -20,8 +20,6 @@ except (OSError, AttributeError):
 TRIM_AFTER_BYTES = 64 * 1024
 # After a stop: how long sent replies may take to be confirmed before the sockets close.
 SHUTDOWN_TIMEOUT = 3.0
-# After a large job, its reply is sent (for at most this long) before the housekeeping.
-SETTLE_LIMIT = 2.0
 
 
 def release_memory():
@@ -134,11 +132,7 @@ class JobLoop:
             if reachable:
                 self._wire.complete(job, reply)   # a send that fails is logged by the wire, once
         finally:
-            try:
-                if handled >= TRIM_AFTER_BYTES:
-                    self._wire.settle(SETTLE_LIMIT)
-            finally:
-                if collecting:
-                    gc.enable()
+            if collecting:
+                gc.enable()
             if handled >= TRIM_AFTER_BYTES:
                 release_memory()

@@ -138,23 +138,6 @@ class Worker:
             self._turn()
         return None
 
-    def settle(self, limit):
-        """Serve the job servers until no reply waits to be sent, for at most `limit` seconds.
-
-        A large reply leaves most of its bytes queued (the socket takes what
-        its buffer holds): the job loop calls this before its after-job
-        housekeeping, so that housekeeping never delays a reply.
-        """
-        self._resume()
-        deadline = self.clock() + limit
-        while not self.stopping and any(server.link is not None and server.link.sending
-                                        for server in self.servers):
-            left = deadline - self.clock()
-            if left <= 0:
-                break
-            self._turn(left)
-        self._away_since = self.clock()  # what follows is still the job's time
-
     def reachable(self, job):
         """Is the connection the job came on still there?  (Reads what arrived during the job.)"""
         self._resume()
