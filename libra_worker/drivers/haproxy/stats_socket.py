@@ -214,7 +214,8 @@ class HeldSession:
     def answers(self, command, timeout=5.0):
         """One line of `;`-separated commands → [the answer to each]; ServiceError when gone."""
         with self._failing_for_good():
-            return self._answers(command, timeout)
+            # Interactive mode prompts after each command; `timeout` bounds the whole answer.
+            return self._exchange([command], command.count(";") + 1, timeout, patient=False)
 
     @contextlib.contextmanager
     def _failing_for_good(self):
@@ -226,30 +227,6 @@ class HeldSession:
             self.broken = str(error)
             raise
 
-    def _answers(self, command, timeout):
-        try:
-            self.process.stdin.write(command.encode() + b"\n")
-            self.process.stdin.flush()
-        except (BrokenPipeError, ValueError, OSError) as error:
-            raise ServiceError(f"the held stats session is closed: {error}") from None
-        deadline = time.monotonic() + timeout
-        fd = self.process.stdout.fileno()
-        answers = []
-        for _ in command.split(";"):  # interactive mode prompts after each command
-            searched = 0   # the prompt is looked for in what arrived since, not all over again
-            while (end := self.pending.find(PROMPT, searched)) < 0:
-                searched = max(0, len(self.pending) - len(PROMPT) + 1)
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([fd], [], [], left)[0]:
-                    raise ServiceError("the held stats session did not answer")
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    raise ServiceError("the held stats session was closed by HAProxy")
-                self.pending += chunk
-            answers.append(self.pending[:end].decode("utf-8", "replace"))
-            del self.pending[:end + len(PROMPT)]
-        return answers
-
     def exchange(self, lines, count, timeout=10.0):
         """Lines of `;`-separated commands, all written at once → the `count` answers, in order.
 
@@ -259,12 +236,16 @@ class HeldSession:
         the answers stop coming for `timeout` seconds.
         """
         with self._failing_for_good():
-            return self._exchange(lines, count, timeout)
+            return self._exchange(lines, count, timeout, patient=True)
 
-    def _exchange(self, lines, count, timeout):
+    def _exchange(self, lines, count, timeout, patient):
+        """`patient`: the timeout starts again whenever answers arrive (else it bounds them all)."""
         data = memoryview(b"".join(line.encode() + b"\n" for line in lines))
-        sink, source = self.process.stdin.fileno(), self.process.stdout.fileno()
-        written, answers, searched = 0, [], 0
+        try:
+            sink, source = self.process.stdin.fileno(), self.process.stdout.fileno()
+        except ValueError:  # closed by close()
+            raise ServiceError("the held stats session is closed") from None
+        written, answers, searched = 0, [], 0  # the prompt is looked for in what arrived since
         os.set_blocking(sink, False)
         try:
             deadline = time.monotonic() + timeout
@@ -289,7 +270,8 @@ class HeldSession:
                         raise ServiceError(f"the held stats session was closed by HAProxy "
                                            f"(after {len(answers)} of {count} answers)")
                     self.pending += chunk
-                    deadline = time.monotonic() + timeout   # answers keep coming
+                    if patient:
+                        deadline = time.monotonic() + timeout   # answers keep coming
                     while len(answers) < count and (end := self.pending.find(PROMPT, searched)) >= 0:
                         answers.append(self.pending[:end].decode("utf-8", "replace"))
                         del self.pending[:end + len(PROMPT)]
