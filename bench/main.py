@@ -361,25 +361,33 @@ class Bench:
                         target=f"< {RSS_GROWTH_MB:g} MB", result="PASS" if growth < RSS_GROWTH_MB else "FAIL",
                         detail=f"VmRSS after minus idle ({self.idle_rss:.1f} MB)"))
 
-    def reloads_under_load(self):
+    def under_load(self, updates):
+        """bench.httpload's load through the load balancer while `updates()` runs → its result."""
         load = subprocess.Popen([procs.PYTHON, "-m", "bench.httpload", str(self.lb_port), str(LOAD_RATE), "300",
                                  str(KEEPALIVE_CLIENTS)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, PYTHONPATH=str(procs.PROJECT)))
-        workers, update_seconds = set(), []
         try:
             time.sleep(1.0)
-            for index in range(RELOADS):
-                weights = (1, 2) if index % 2 else (2, 1)   # every UPDATE a config only a reload applies
-                update_seconds.append(self.update(self.base_lb(*weights, variant=1 + index % 2)))
-                workers.add(haproxy.current_worker(haproxy.show_proc(self.worker.master_socket)))
-                time.sleep(0.05)
+            updates()
             time.sleep(1.0)
         finally:
             out, err = load.communicate("stop\n", timeout=60)
         if load.returncode != 0:
             raise RuntimeError(f"the HTTP load generator failed: {err.strip()[-300:]}")
-        result = json.loads(out)
+        return json.loads(out)
+
+    def reloads_under_load(self):
+        workers, update_seconds = set(), []
+
+        def updates():
+            for index in range(RELOADS):
+                weights = (1, 2) if index % 2 else (2, 1)   # every UPDATE a config only a reload applies
+                update_seconds.append(self.update(self.base_lb(*weights, variant=1 + index % 2)))
+                workers.add(haproxy.current_worker(haproxy.show_proc(self.worker.master_socket)))
+                time.sleep(0.05)
+
+        result = self.under_load(updates)
         failed = result["failed"]
         valid = result["rate"] >= MIN_LOAD_RATE and len(workers) == RELOADS
         outcome = ", ".join(f"{key} {value}" for key, value in sorted(result["outcomes"].items()))
@@ -544,28 +552,20 @@ class Bench:
 
     def runtime_under_load(self):
         """The third back-end added and removed RUNTIME_UPDATES times under the reload figure's load."""
-        load = subprocess.Popen([procs.PYTHON, "-m", "bench.httpload", str(self.lb_port), str(LOAD_RATE), "300",
-                                 str(KEEPALIVE_CLIENTS)],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, PYTHONPATH=str(procs.PROJECT)))
         two, three = self.base_lb(1, 1), self.base_lb(1, 1)
         three["loadBalancers"][0]["nodes"].append(
             {"id": self.backends[2].name, "address": "127.0.0.1", "port": self.backends[2].port, "weight": 1})
         self.update(two)
         paths, seconds = [], []
-        try:
-            time.sleep(1.0)
+
+        def updates():
             for index in range(RUNTIME_UPDATES):
                 before = self.current_worker()
                 seconds.append(self.update(three if index % 2 == 0 else two))
                 paths.append("runtime" if self.current_worker() == before else "reload")
                 time.sleep(0.05)
-            time.sleep(1.0)
-        finally:
-            out, err = load.communicate("stop\n", timeout=60)
-        if load.returncode != 0:
-            raise RuntimeError(f"the HTTP load generator failed: {err.strip()[-300:]}")
-        result = json.loads(out)
+
+        result = self.under_load(updates)
         failed = result["failed"] + result["keepalive"]["failed"]
         counted = ", ".join(f"{paths.count(path)} {path}" for path in sorted(set(paths)))
         self.add(Figure(f"failed requests across {RUNTIME_UPDATES} UPDATEs adding/removing a node", failed,
