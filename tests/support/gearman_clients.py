@@ -29,6 +29,13 @@ def _decode(data, who):
     return reply
 
 
+def _run_client(argv, message, timeout, who):
+    """Run a client program with the message on stdin → its reply (it must exit 0)."""
+    result = subprocess.run(argv, input=json.dumps(message).encode(), capture_output=True, timeout=timeout)
+    assert result.returncode == 0, f"{who} exited {result.returncode}: {result.stderr[-300:]!r}"
+    return _decode(result.stdout, who)
+
+
 def _host_port(server):
     host, _, port = str(getattr(server, "address", server)).rpartition(":")
     return host, port
@@ -45,11 +52,8 @@ class GearmanCli:
         self.host, self.port = _host_port(server)
 
     def submit(self, function, message, timeout=60.0):
-        result = subprocess.run([self.program, "-h", self.host, "-p", self.port, "-f", function],
-                                input=json.dumps(message).encode(), capture_output=True,
-                                timeout=timeout)
-        assert result.returncode == 0, f"gearman exited {result.returncode}: {result.stderr[-300:]!r}"
-        return _decode(result.stdout, "gearman")
+        return _run_client([self.program, "-h", self.host, "-p", self.port, "-f", function],
+                           message, timeout, "gearman")
 
     def close(self):
         pass
@@ -68,11 +72,9 @@ class PerlClient:
         self.server = "%s:%s" % _host_port(server)
 
     def submit(self, function, message, timeout=60.0):
-        result = subprocess.run([self.perl, str(PERL_SCRIPT), self.server, function, str(int(timeout))],
-                                input=json.dumps(message).encode(), capture_output=True,
-                                timeout=timeout + 10)
-        assert result.returncode == 0, f"Gearman::Client exited {result.returncode}: {result.stderr[-300:]!r}"
-        return _decode(result.stdout, "Gearman::Client")
+        # The script has its own time-out: the process gets a little longer.
+        return _run_client([self.perl, str(PERL_SCRIPT), self.server, function, str(int(timeout))],
+                           message, timeout + 10, "Gearman::Client")
 
     def close(self):
         pass
